@@ -1,0 +1,341 @@
+"""Entropy coding and the compressed file format: image ↔ bytes for both kinds of model.
+
+File layout (big-endian), version 1:
+
+  offset size field
+  0      3    magic b"QAE"
+  3      1    format version (1)
+  4      1    model kind: 0 = seed (B-bit, per-image table), 1 = rd (learned prior)
+  5      1    entropy coder: 0 = constriction range coder, 1 = arithmetic-compressor
+  6      4    model identity (first 4 bytes of SHA-256 over the checkpoint's tensors)
+  10     2,2  original height, width
+  14     1    original mode: 0 RGB, 1 L, 2 RGBA, 3 LA
+  15     2    rate parameter: seed = B, rd = quality × 100
+  17     2×3  latent shape C, h, w
+  23     4    payload length (entropy-coded latents)
+  27     4    alpha length (zlib-compressed alpha plane, 0 if none)
+  31     …    payload, then alpha
+  end-4  4    CRC-32 of everything before it
+
+Reading never trusts the file: every size is checked against the data and against limits before
+anything is allocated, and any inconsistency raises FormatError with a one-line reason.
+"""
+import struct
+import zlib
+
+import constriction
+import numpy as np
+import torch
+import torch.nn.functional as F
+from arithmetic_compressor import arithmetic_coding as ac
+from arithmetic_compressor.util import Range
+
+from model import RDModel
+from quantize import PRECISION, pmf_to_freqs, quantize_bbit
+
+MAGIC = b"QAE"
+VERSION = 1
+HEADER = struct.Struct(">3sBBB4sHHBHHHHII")
+KINDS = ("seed", "rd")
+CODERS = ("constriction", "arithmetic-compressor")
+MODES = ("RGB", "L", "RGBA", "LA")
+MAX_PIXELS = 1 << 28  # 268 M pixels: larger declared sizes are rejected before allocating
+HEADER_BYTES = HEADER.size + 4
+
+
+class FormatError(ValueError):
+    """A compressed file is truncated, corrupted, foreign, or made by another model."""
+
+
+# ----------------------------------------------------------------------------- file format
+def pack(header, payload, alpha=b""):
+    """Serialise header dict + payload (+ alpha) into the file bytes, CRC-32 last."""
+    body = HEADER.pack(MAGIC, VERSION, KINDS.index(header["kind"]), CODERS.index(header["coder"]),
+                       header["model_id"], header["height"], header["width"], MODES.index(header["mode"]),
+                       header["param"], *header["latent_shape"], len(payload), len(alpha)) + payload + alpha
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def unpack(data):
+    """Parse and check file bytes; returns (header dict, payload, alpha) or raises FormatError."""
+    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+        raise FormatError("not a QAE compressed file (wrong magic bytes)")
+    if len(data) < HEADER_BYTES:
+        raise FormatError(f"file truncated: {len(data)} bytes is shorter than the {HEADER_BYTES}-byte header")
+    fields = HEADER.unpack_from(data)
+    _, version, kind, coder, mid, h, w, mode, param, c, lh, lw, n_payload, n_alpha = fields
+    if version != VERSION:
+        raise FormatError(f"format version {version} is not supported (this build reads version {VERSION})")
+    if HEADER.size + n_payload + n_alpha + 4 != len(data):
+        raise FormatError(f"file truncated or padded: header declares {HEADER.size + n_payload + n_alpha + 4} "
+                          f"bytes, file has {len(data)}")
+    if zlib.crc32(data[:-4]) != struct.unpack(">I", data[-4:])[0]:
+        raise FormatError("file corrupted (CRC-32 mismatch)")
+    if kind >= len(KINDS) or coder >= len(CODERS) or mode >= len(MODES):
+        raise FormatError("file corrupted (unknown model kind, coder or mode)")
+    if h == 0 or w == 0 or h * w > MAX_PIXELS or c == 0 or lh == 0 or lw == 0:
+        raise FormatError(f"file declares an impossible size ({w}×{h}, latent {c}×{lh}×{lw})")
+    header = {"kind": KINDS[kind], "coder": CODERS[coder], "model_id": mid, "height": h, "width": w,
+              "mode": MODES[mode], "param": param, "latent_shape": (c, lh, lw)}
+    payload = data[HEADER.size : HEADER.size + n_payload]
+    return header, payload, data[HEADER.size + n_payload : HEADER.size + n_payload + n_alpha]
+
+
+# ----------------------------------------------------------------------------- entropy coders
+def _constriction_model(freqs):
+    """constriction model of integer frequencies: exact dyadic floats, so every machine builds the same one."""
+    return constriction.stream.model.Categorical(np.asarray(freqs, np.float64) / (1 << PRECISION), perfect=False)
+
+
+def _ac_table(freqs):
+    """arithmetic-compressor cumulative table {symbol: Range} of integer frequencies."""
+    cum = np.concatenate([[0], np.cumsum(freqs)])
+    return {s: Range(int(cum[s]), int(cum[s + 1])) for s in range(len(freqs))}
+
+
+def entropy_encode(segments, coder):
+    """Code a list of (symbols, integer frequencies) segments into one byte string."""
+    if coder == "constriction":
+        enc = constriction.stream.queue.RangeEncoder()
+        for symbols, freqs in segments:
+            if len(freqs) > 1 and len(symbols):
+                enc.encode(np.ascontiguousarray(symbols, dtype=np.int32), _constriction_model(freqs))
+        return enc.get_compressed().astype(">u4").tobytes()
+    if coder == "arithmetic-compressor":
+        enc = ac.Encoder(numbits=32)  # 32-bit state: totals up to 2**30 are allowed
+        for symbols, freqs in segments:
+            if len(freqs) > 1:
+                table = _ac_table(freqs)
+                for s in np.asarray(symbols).ravel().tolist():
+                    enc.encode_symbol(table, s)
+        enc.finish()
+        return np.packbits(np.array(enc.get_encoded(), dtype=np.uint8)).tobytes()
+    raise ValueError(f"unknown entropy coder {coder!r} (choose from {', '.join(CODERS)})")
+
+
+def entropy_decode(data, tables, counts, coder):
+    """Inverse of entropy_encode: decode counts[i] symbols with tables[i]; list of int32 arrays."""
+    out = []
+    if coder == "constriction":
+        if len(data) % 4:
+            raise FormatError("payload corrupted (length is not a whole number of 32-bit words)")
+        dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, ">u4").astype(np.uint32))
+        for freqs, n in zip(tables, counts):
+            out.append(dec.decode(_constriction_model(freqs), n).astype(np.int32) if len(freqs) > 1
+                       else np.zeros(n, np.int32))
+        return out
+    bits = np.unpackbits(np.frombuffer(data, np.uint8)).tolist()
+    dec = ac.Decoder(bits, numbits=32)
+    for freqs, n in zip(tables, counts):
+        if len(freqs) > 1:
+            table = _ac_table(freqs)
+            out.append(np.array([dec.decode_symbol(table) for _ in range(n)], np.int32))
+        else:
+            out.append(np.zeros(n, np.int32))
+    return out
+
+
+# ----------------------------------------------------------------------------- seed model payload
+def _seed_table(symbols, bits):
+    """Per-image static frequency table over the symbol range actually used: (lo, freqs)."""
+    counts = np.bincount(symbols.ravel(), minlength=2 ** bits + 1)
+    used = np.nonzero(counts)[0]
+    lo, hi = int(used[0]), int(used[-1])
+    return lo, pmf_to_freqs(counts[lo : hi + 1])
+
+
+def seed_payload(symbols, bits, coder):
+    """Seed model payload: table (lo, n, freqs − 1 as u16) then the coded symbols."""
+    lo, freqs = _seed_table(symbols, bits)
+    table = struct.pack(">HH", lo, len(freqs)) + (freqs - 1).astype(">u2").tobytes()
+    return table + entropy_encode([(symbols.ravel() - lo, freqs)], coder)
+
+
+def seed_symbols(payload, shape, bits, coder):
+    """Inverse of seed_payload: the symbols (C, h, w) as int32."""
+    if len(payload) < 4:
+        raise FormatError("payload truncated (no frequency table)")
+    lo, n = struct.unpack_from(">HH", payload)
+    if n == 0 or lo + n > 2 ** bits + 1 or len(payload) < 4 + 2 * n:
+        raise FormatError("payload corrupted (bad frequency table)")
+    freqs = np.frombuffer(payload, ">u2", n, 4).astype(np.int64) + 1
+    if freqs.sum() != 1 << PRECISION:
+        raise FormatError("payload corrupted (frequency table does not sum to 2^16)")
+    (s,) = entropy_decode(payload[4 + 2 * n :], [freqs], [int(np.prod(shape))], coder)
+    return (s + lo).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- image ↔ bytes
+def _pad(x, stride):
+    """Replicate-pad (1, 3, H, W) on the bottom/right to a multiple of the stride."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+def latents_of(model, rgb, quality=None):
+    """Integer latents of an image: seed = symbols 0 … 2**B, rd = rounded latents; (C, h, w) tensor."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+    x = _pad(x, model.cfg.stride).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        if isinstance(model, RDModel):
+            return model.encode_latents(x, quality)[0]
+        return quantize_bbit(model.encoder(x), model.cfg.bits, "symbols")[0]
+
+
+def image_of(model, latents, height, width, quality=None):
+    """Reconstruct uint8 RGB (H, W, 3) from integer latents (C, h, w), rounding and clamping."""
+    with torch.inference_mode():
+        z = latents[None].float().contiguous(memory_format=torch.channels_last)
+        if isinstance(model, RDModel):
+            x = model.decode_latents(z, quality)
+        else:
+            x = model.decoder(quantize_bbit(z, model.cfg.bits, "dequantize"))
+        x = (x[0, :, :height, :width].clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(1, 2, 0).contiguous().numpy()
+
+
+def rd_segments(model, y_hat):
+    """Per-channel (symbols, frequencies) segments of rd latents under the integer tables."""
+    sym = model.prior.to_symbols(y_hat).numpy()
+    freqs, lengths = model.prior.freqs.numpy(), model.prior.lengths.numpy()
+    return [(sym[c].ravel(), freqs[c, : lengths[c]]) for c in range(len(sym))]
+
+
+def check_quality(model, quality):
+    """Quality rounded to the 0.01 grid the file stores; clear error outside the trained range."""
+    if quality is None:
+        quality = model.num_qualities
+    if not 1 <= quality <= model.num_qualities:
+        raise ValueError(f"quality {quality} is outside this model's range 1 … {model.num_qualities}")
+    return round(quality * 100) / 100
+
+
+def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="constriction"):
+    """Image (uint8 H×W×3, original mode, optional H×W alpha) → file bytes."""
+    h, w = rgb.shape[:2]
+    if not (1 <= h <= 0xFFFF and 1 <= w <= 0xFFFF):
+        raise ValueError(f"image of {w}×{h} pixels: each side must be 1 … 65535")
+    if isinstance(model, RDModel):
+        quality = check_quality(model, quality)
+        y_hat = latents_of(model, rgb, quality)
+        payload, param = entropy_encode(rd_segments(model, y_hat), coder), round(quality * 100)
+    else:
+        y_hat = latents_of(model, rgb)
+        payload, param = seed_payload(y_hat.numpy(), model.cfg.bits, coder), model.cfg.bits
+    header = {"kind": model.cfg.kind, "coder": coder, "model_id": model_id, "height": h, "width": w,
+              "mode": mode, "param": param, "latent_shape": tuple(y_hat.shape)}
+    packed_alpha = zlib.compress(np.ascontiguousarray(alpha, np.uint8).tobytes(), 9) if alpha is not None else b""
+    return pack(header, payload, packed_alpha)
+
+
+def decompress(model, model_id, data):
+    """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file."""
+    header, payload, packed_alpha = unpack(data)
+    if header["model_id"] != model_id:
+        raise FormatError(f"file was made by model {header['model_id'].hex()}, "
+                          f"but the loaded weights are {model_id.hex()}")
+    h, w, stride = header["height"], header["width"], model.cfg.stride
+    shape = (model.prior.channels if isinstance(model, RDModel) else model.cfg.latent_channels,
+             -(-h // stride), -(-w // stride))
+    if header["kind"] != model.cfg.kind or tuple(header["latent_shape"]) != shape:
+        raise FormatError(f"file corrupted (latent shape {header['latent_shape']} does not fit a {w}×{h} image)")
+    try:
+        if isinstance(model, RDModel):
+            quality = header["param"] / 100
+            if not 1 <= quality <= model.num_qualities:
+                raise FormatError(f"file corrupted (quality {quality} outside 1 … {model.num_qualities})")
+            lengths = model.prior.lengths.numpy()
+            tables = [model.prior.freqs[c, : lengths[c]].numpy() for c in range(shape[0])]
+            symbols = entropy_decode(payload, tables, [shape[1] * shape[2]] * shape[0], header["coder"])
+            latents = model.prior.from_symbols(torch.from_numpy(np.stack(symbols).reshape(shape)))
+        else:
+            if header["param"] != model.cfg.bits:
+                raise FormatError(f"file corrupted (B = {header['param']}, model has B = {model.cfg.bits})")
+            quality = None
+            latents = torch.from_numpy(seed_symbols(payload, shape, model.cfg.bits, header["coder"]))
+    except FormatError:
+        raise
+    except Exception as e:  # the entropy decoders' own errors on garbage input
+        raise FormatError(f"payload corrupted ({type(e).__name__})") from None
+    rgb = image_of(model, latents, h, w, quality)
+    alpha = None
+    if header["mode"] in ("RGBA", "LA"):
+        d = zlib.decompressobj()
+        try:
+            raw = d.decompress(packed_alpha, h * w + 1)  # bounded: never inflates past the image size
+        except zlib.error:
+            raise FormatError("alpha plane corrupted") from None
+        if len(raw) != h * w:
+            raise FormatError("alpha plane corrupted (wrong size)")
+        alpha = np.frombuffer(raw, np.uint8).reshape(h, w)
+    return rgb, header["mode"], alpha
+
+
+def estimated_bits(model, y_hat):
+    """Bits the rd model's (float) prior assigns to integer latents (C, h, w): the rate it trains on."""
+    with torch.no_grad():
+        return float(-torch.log2(model.prior.likelihood(y_hat[None])).sum())
+
+
+# ----------------------------------------------------------------------------- image files
+def read_image(path):
+    """Open an image file → (uint8 RGB H×W×3, mode, alpha or None, notices); ValueError if not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    notices = []
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                notices.append(f"{path}: {im.n_frames} frames, only the first is compressed")
+            im.seek(0)
+            im = ImageOps.exif_transpose(im)
+            im.load()
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file Pillow can read") from None
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable image ({e})") from None
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 / 65535.0 if arr.max() > 255 or im.mode.startswith("I;16") else 1.0
+        im = Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode == "PA":
+        im = im.convert("RGBA")
+    mode = im.mode if im.mode in MODES else ("L" if im.mode in ("1", "F") else "RGB")
+    alpha = np.asarray(im.getchannel("A")) if mode in ("RGBA", "LA") else None
+    rgb = np.asarray(im.convert("RGB"))
+    return rgb, mode, alpha, notices
+
+
+def write_image(path, rgb, mode="RGB", alpha=None):
+    """Save uint8 RGB (plus alpha) in the original mode, atomically; format from the extension."""
+    from PIL import Image
+
+    im = Image.fromarray(rgb, "RGB")
+    if mode in ("L", "LA"):
+        im = im.convert("L")
+    if alpha is not None:
+        im.putalpha(Image.fromarray(alpha, "L"))
+    fmt = Image.registered_extensions().get("." + str(path).rsplit(".", 1)[-1].lower(), "PNG")
+    atomic_write(path, lambda f: im.save(f, format=fmt))
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside path, then rename: never a half-written path."""
+    import os
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(str(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f) if callable(write) else f.write(write)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,83 @@
+"""Image folders and random crops for training (OpenCV decoding and area resizing, cached in RAM)."""
+import os
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def list_images(folder):
+    """Sorted paths of the image files under a folder (recursively)."""
+    paths = []
+    for root, _, files in os.walk(folder):
+        paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(paths)
+
+
+def read_rgb(path, max_side=None):
+    """Decode an image file to uint8 RGB (H, W, 3), area-downscaled so its long side ≤ max_side."""
+    img = cv2.imread(path, cv2.IMREAD_COLOR)  # grayscale files come back as 3 equal channels
+    if img is None:
+        raise ValueError(f"{path}: not a readable image")
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    h, w = img.shape[:2]
+    if max_side and max(h, w) > max_side:
+        s = max_side / max(h, w)
+        img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    return img
+
+
+class CropDataset(Dataset):
+    """Random crops of photos: random downscale (0.5–1, hides JPEG artefacts), crop, flip.
+
+    Images are decoded once and kept in RAM (long side ≤ max_side) because decoding JPEGs would
+    otherwise cost more CPU than a small model's training step.
+    """
+
+    def __init__(self, paths, crop=128, max_side=512, min_scale=0.5, train=True, seed=0):
+        self.crop, self.min_scale, self.train = crop, min_scale, train
+        self.images = [img for img in (read_rgb(p, max_side) for p in paths) if min(img.shape[:2]) >= 16]
+        if not self.images:
+            raise ValueError("no usable images (all unreadable or smaller than 16 px)")
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.images)
+
+    def _scaled(self, img):
+        """Random area downscale, never below the crop size; small images are upscaled to fit it."""
+        h, w = img.shape[:2]
+        lo = max(self.min_scale, self.crop / min(h, w)) if self.train else 1.0
+        s = self.rng.uniform(min(lo, 1.0), 1.0) if lo < 1.0 else lo
+        if min(h, w) * s < self.crop:
+            s = self.crop / min(h, w)
+        if abs(s - 1.0) > 1e-3:
+            interp = cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC
+            img = cv2.resize(img, (max(self.crop, round(w * s)), max(self.crop, round(h * s))),
+                             interpolation=interp)
+        return img
+
+    def __getitem__(self, i):
+        """One crop as a float tensor (3, crop, crop) in [0, 1]."""
+        img = self._scaled(self.images[i])
+        h, w = img.shape[:2]
+        if self.train:
+            y, x = self.rng.integers(0, h - self.crop + 1), self.rng.integers(0, w - self.crop + 1)
+        else:
+            y, x = (h - self.crop) // 2, (w - self.crop) // 2
+        patch = img[y : y + self.crop, x : x + self.crop]
+        if self.train and self.rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float() / 255.0
+
+
+def split_paths(paths, val_fraction, seed=0):
+    """Deterministic train / validation split of a list of paths."""
+    order = np.random.default_rng(seed).permutation(len(paths))
+    n_val = int(round(len(paths) * val_fraction))
+    val = sorted(paths[i] for i in order[:n_val])
+    train = sorted(paths[i] for i in order[n_val:])
+    return train, val

@@ -1,0 +1,285 @@
+"""The networks: the seed's ResNet auto-encoder and the rate–distortion (RD) model, one config each.
+
+A checkpoint is one file `{kind, config, model, step, ...}`; `load_checkpoint` rebuilds the model
+from it alone. This module imports only quantize.py (and torch / torchvision).
+"""
+import hashlib
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from quantize import FactorizedPrior, quantize_bbit, ste_round
+
+# CompressAI's λ for its qualities 1…8 (MSE): our quality knob uses the same numbering.
+LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
+
+
+# ----------------------------------------------------------------------------- seed model
+@dataclass
+class SeedConfig:
+    """The seed's quantized auto-encoder: ResNet trunk → 512 sigmoid latents (stride 32) → B bits."""
+
+    arch: str = "resnet101"  # resnet18 / resnet34 / resnet50 / resnet101
+    latent_channels: int = 512
+    bits: int = 8
+    decoder_channels: tuple = (512, 256, 128, 64, 32)
+    kind: str = "seed"
+
+    @property
+    def stride(self):
+        """Total downsampling factor of the encoder."""
+        return 32
+
+
+class ResBlock(nn.Module):
+    """Two 3×3 convolutions with a skip connection."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        """x + conv(relu(conv(x)))."""
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class SeedEncoder(nn.Module):
+    """torchvision ResNet conv1 … layer4, then a 1×1 projection to the latent channels and a sigmoid."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.arch not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+            raise ValueError(f"unknown ResNet trunk {cfg.arch!r}")
+        net = getattr(torchvision.models, cfg.arch)(weights=None)
+        self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                   net.layer1, net.layer2, net.layer3, net.layer4)
+        trunk_out = net.fc.in_features
+        self.project = nn.Conv2d(trunk_out, cfg.latent_channels, 1)
+
+    def forward(self, x):
+        """Image in [0, 1] → latents in (0, 1) at stride 32."""
+        return torch.sigmoid(self.project(self.trunk(x)))
+
+
+class SeedDecoder(nn.Module):
+    """Custom residual upsampling network: five ×2 stages back to RGB in [0, 1]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = list(cfg.decoder_channels)
+        layers = [nn.Conv2d(cfg.latent_channels, chs[0], 3, padding=1)]
+        for i, ch in enumerate(chs):
+            out = chs[i + 1] if i + 1 < len(chs) else chs[-1]
+            layers += [ResBlock(ch), nn.Upsample(scale_factor=2, mode="nearest"),
+                       nn.Conv2d(ch, out, 3, padding=1), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(chs[-1], 3, 3, padding=1), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, v):
+        """Dequantized latents → image in [0, 1]."""
+        return self.net(v)
+
+
+class SeedAutoEncoder(nn.Module):
+    """The seed's quantized auto-encoder (no rate term: the rate is set by the latent size and B)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = SeedEncoder(cfg)
+        self.decoder = SeedDecoder(cfg)
+
+    def forward(self, x, noise="noise"):
+        """Training pass: encode, add quantization noise (see quantize_bbit), decode."""
+        v = quantize_bbit(self.encoder(x), self.cfg.bits, noise)
+        return {"x_hat": self.decoder(v)}
+
+    def load_pretrained_trunk(self, path):
+        """Initialise the encoder trunk from a local torchvision ResNet state_dict file."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        remap = {}
+        for k, v in state.items():
+            head = k.split(".")[0]
+            if head in names:
+                remap[f"{names.index(head)}{k[len(head):]}"] = v
+        missing, _ = self.encoder.trunk.load_state_dict(remap, strict=False)
+        if missing:
+            raise ValueError(f"{path} is not a torchvision {self.cfg.arch} state_dict "
+                             f"({len(missing)} trunk tensors missing)")
+
+
+# ----------------------------------------------------------------------------- RD model
+@dataclass
+class RDConfig:
+    """Rate–distortion model: GDN transforms, factorized prior, per-quality gain vectors."""
+
+    N: int = 96  # channels of the hidden layers
+    M: int = 192  # latent channels
+    kernel: int = 5
+    lambdas: tuple = LAMBDAS
+    kind: str = "rd"
+
+    @property
+    def stride(self):
+        """Total downsampling factor of the analysis transform."""
+        return 16
+
+
+class GDN(nn.Module):
+    """Simplified (inverse) GDN of Johnston et al. 2019: x / (β + Σ γ|x|), cheap on a CPU."""
+
+    def __init__(self, ch, inverse=False):
+        super().__init__()
+        self.inverse = inverse
+        self.beta = nn.Parameter(torch.ones(ch))
+        self.gamma = nn.Parameter(0.1 * torch.eye(ch).view(ch, ch, 1, 1))
+
+    def forward(self, x):
+        """Divisive (or, inverse, multiplicative) normalisation across channels."""
+        # abs() keeps the parameters non-negative without a reparametrisation.
+        norm = F.conv2d(x.abs(), self.gamma.abs(), self.beta.abs() + 1e-6)
+        return x * norm if self.inverse else x / norm
+
+
+def down(cin, cout, k):
+    """Stride-2 convolution."""
+    return nn.Conv2d(cin, cout, k, stride=2, padding=k // 2)
+
+
+def up(cin, cout, k):
+    """Stride-2 transposed convolution."""
+    return nn.ConvTranspose2d(cin, cout, k, stride=2, padding=k // 2, output_padding=1)
+
+
+class RDModel(nn.Module):
+    """Ballé-style factorized-prior codec with one learned gain vector per quality (any rate)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        n, m, k = cfg.N, cfg.M, cfg.kernel
+        self.g_a = nn.Sequential(down(3, n, k), GDN(n), down(n, n, k), GDN(n),
+                                 down(n, n, k), GDN(n), down(n, m, k))
+        self.g_s = nn.Sequential(up(m, n, k), GDN(n, True), up(n, n, k), GDN(n, True),
+                                 up(n, n, k), GDN(n, True), up(n, 3, k))
+        nn.init.constant_(self.g_s[-1].bias, 0.5)  # start at mid-grey rather than black
+        self.prior = FactorizedPrior(m)
+        # High-rate theory: step ∝ 1/sqrt(λ); start the gains there so every quality trains at once.
+        ref = LAMBDAS[len(LAMBDAS) // 2]
+        log_gain = torch.tensor([0.5 * math.log(lam / ref) for lam in cfg.lambdas])
+        self.log_gain = nn.Parameter(log_gain.view(-1, 1).repeat(1, m))
+        self.log_igain = nn.Parameter(-log_gain.view(-1, 1).repeat(1, m))
+
+    @property
+    def num_qualities(self):
+        """Number of trained quality levels (the knob runs from 1 to this)."""
+        return len(self.cfg.lambdas)
+
+    def gains(self, quality):
+        """Gain and inverse gain (B, M, 1, 1) for qualities in [1, Q], interpolated geometrically."""
+        q = torch.as_tensor(quality, dtype=torch.float32).reshape(-1).clamp(1, self.num_qualities) - 1
+        lo = q.floor().long().clamp(max=self.num_qualities - 2)
+        t = (q - lo).view(-1, 1)
+        g = torch.lerp(self.log_gain[lo], self.log_gain[lo + 1], t).exp()
+        ig = torch.lerp(self.log_igain[lo], self.log_igain[lo + 1], t).exp()
+        return g[..., None, None], ig[..., None, None]
+
+    def lmbda(self, quality):
+        """λ for qualities in [1, Q], interpolated geometrically like the gains."""
+        q = torch.as_tensor(quality, dtype=torch.float32).reshape(-1) - 1
+        log_l = torch.log(torch.tensor(self.cfg.lambdas))
+        lo = q.floor().long().clamp(0, self.num_qualities - 2)
+        return torch.lerp(log_l[lo], log_l[lo + 1], q - lo).exp()
+
+    def forward(self, x, quality):
+        """Training pass: noisy latents for the rate, rounded (straight-through) ones for the decoder."""
+        g, ig = self.gains(quality)
+        y = self.g_a(x) * g
+        _, likelihoods = self.prior(y, training=True)
+        x_hat = self.g_s(ste_round(y) * ig)
+        return {"x_hat": x_hat, "likelihoods": likelihoods}
+
+    def encode_latents(self, x, quality):
+        """Image (1, 3, H, W) → integer-valued latents (1, M, H/16, W/16)."""
+        g, _ = self.gains(quality)
+        return torch.round(self.g_a(x) * g)
+
+    def decode_latents(self, y_hat, quality):
+        """Integer-valued latents → reconstructed image (unclamped)."""
+        _, ig = self.gains(quality)
+        return self.g_s(y_hat * ig)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+KINDS = {"seed": (SeedConfig, SeedAutoEncoder), "rd": (RDConfig, RDModel)}
+
+
+def build_model(config):
+    """Model from a config dict (as stored in checkpoints) or a config dataclass."""
+    if not isinstance(config, dict):
+        config = asdict(config)
+    kind = config.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}")
+    cfg_cls, model_cls = KINDS[kind]
+    known = cfg_cls.__dataclass_fields__
+    cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known})
+    return model_cls(cfg)
+
+
+def model_id(state_dict):
+    """Short identity of a set of weights (and tables): first 4 bytes of a SHA-256 over all tensors."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.to(torch.float32).numpy().tobytes() if t.is_floating_point() else t.numpy().tobytes())
+    return h.digest()[:4]
+
+
+def save_checkpoint(path, model, half=False, **extra):
+    """Write {kind, config, model, model_id, **extra} atomically (temp file, then rename)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    ckpt = {"kind": model.cfg.kind, "config": asdict(model.cfg), "model": state,
+            "model_id": model_id(state).hex(), **extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the model from a checkpoint file alone; returns (model in eval mode, checkpoint dict)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a checkpoint of this project (no config / model)")
+    model = build_model(ckpt["config"])
+    if isinstance(model, RDModel):
+        # Tables are empty buffers until built; size them to what the file holds.
+        for name in ("freqs", "offsets", "lengths"):
+            key = f"prior.{name}"
+            if key in ckpt["model"]:
+                setattr(model.prior, name, torch.zeros_like(ckpt["model"][key]))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the config ({str(e).splitlines()[0]})") from None
+    ckpt.setdefault("model_id", model_id(ckpt["model"]).hex())
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,176 @@
+"""Compress and decompress images with a trained checkpoint.
+
+  python test.py                                   # images/ → compressed_folder/*.qae → decompressed_folder/*.png
+  python test.py compress IN.png OUT.qae [--quality Q] [--weights W]
+  python test.py decompress IN.qae OUT.png         # the file says which model made it
+
+Folder mode prints, per image, size, bytes, bpp (from the file size), PSNR and encode / decode
+seconds (file I/O and entropy coding included), then the means.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import metrics
+from codec import FormatError, compress, decompress, read_image, unpack, write_image, atomic_write, CODERS
+from dataset import list_images
+from model import load_checkpoint
+
+DEFAULT_WEIGHTS = os.path.join("weights", "rd.pt")
+
+
+def parse_args(argv=None):
+    """Folder mode flags plus the compress / decompress subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--weights", default=None,
+                        help=f"checkpoint to use (default: {DEFAULT_WEIGHTS} to compress; to decompress, the "
+                             "checkpoint in --weights-dir whose identity the file names)")
+    common.add_argument("--weights-dir", default="weights", help="where to look for the checkpoint a file names")
+    common.add_argument("--quality", type=float, default=None,
+                        help="rd models: quality 1 (smallest) … 8 (best), fractions allowed; default: highest")
+    common.add_argument("--coder", default="constriction", choices=CODERS, help="entropy coder written into new files")
+    common.add_argument("--device", default="cpu", help="cpu or cuda")
+    common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[common])
+    p.add_argument("--images", default="images", help="folder mode: folder of images to compress")
+    p.add_argument("--compressed-dir", default="compressed_folder", help="folder mode: where NAME.qae files go")
+    p.add_argument("--decompressed-dir", default="decompressed_folder", help="folder mode: where NAME.png files go")
+    sub = p.add_subparsers(dest="command", metavar="{compress,decompress}")
+    c = sub.add_parser("compress", parents=[common], help="compress one image file")
+    c.add_argument("input", help="image file (PNG, JPEG, …)")
+    c.add_argument("output", help="compressed file to write (.qae)")
+    d = sub.add_parser("decompress", parents=[common], help="decompress one .qae file")
+    d.add_argument("input", help="compressed file (.qae)")
+    d.add_argument("output", help="image file to write (PNG unless the extension says otherwise)")
+    return p.parse_args(argv)
+
+
+def setup_device(args):
+    """Apply --threads and check --device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+
+
+def load_model(path, device):
+    """(model, 4-byte identity, checkpoint) from a checkpoint file, with a clear error when missing."""
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint {path} not found (train one with train.py or pass --weights)")
+    model, ckpt = load_checkpoint(path, device)
+    if model.cfg.kind == "rd" and not model.prior.has_tables():
+        raise ValueError(f"{path}: rd checkpoint without entropy tables (save it with train.py)")
+    return model, bytes.fromhex(ckpt["model_id"]), ckpt
+
+
+def find_weights(data, args):
+    """The checkpoint that made a file: --weights if given, else the one in --weights-dir with its identity."""
+    if args.weights:
+        return args.weights
+    header, _, _ = unpack(data)
+    wanted = header["model_id"].hex()
+    folder = args.weights_dir
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            continue
+        if isinstance(ckpt, dict) and ckpt.get("model_id") == wanted:
+            return path
+    raise FormatError(f"no checkpoint in {folder}/ has the identity {wanted} that made this file (pass --weights)")
+
+
+def compress_file(model, mid, src, dst, args):
+    """Compress one image file to dst atomically; returns (file bytes, seconds, notices)."""
+    t = time.perf_counter()
+    rgb, mode, alpha, notices = read_image(src)
+    data = compress(model, mid, rgb, mode, alpha, args.quality, args.coder)
+    atomic_write(dst, data)
+    return data, time.perf_counter() - t, notices
+
+
+def decompress_file(model, mid, src, dst):
+    """Decompress one file to an image atomically; returns (RGB array, seconds)."""
+    t = time.perf_counter()
+    with open(src, "rb") as f:
+        data = f.read()
+    rgb, mode, alpha = decompress(model, mid, data)
+    write_image(dst, rgb, mode, alpha)
+    return rgb, time.perf_counter() - t
+
+
+def run_folder(args):
+    """Compress every image of a folder and decompress it again, printing per-image figures."""
+    paths = list_images(args.images) if os.path.isdir(args.images) else []
+    if not paths:
+        raise ValueError(f"no images in {args.images!r}")
+    model, mid, ckpt = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
+    print(f"model {args.weights or DEFAULT_WEIGHTS} ({ckpt['kind']}, id {mid.hex()}, step {ckpt.get('step', '?')})"
+          + (f", quality {args.quality or model.num_qualities}" if ckpt["kind"] == "rd" else ""))
+    print(f"{'image':20s} {'size':>10s} {'bytes':>8s} {'bpp':>7s} {'PSNR':>7s} {'enc s':>6s} {'dec s':>6s}")
+    rows, failed = [], []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        qae = os.path.join(args.compressed_dir, stem + ".qae")
+        png = os.path.join(args.decompressed_dir, stem + ".png")
+        try:
+            data, t_enc, notices = compress_file(model, mid, path, qae, args)
+            rgb, t_dec = decompress_file(model, mid, qae, png)
+            original = read_image(path)[0]
+        except (ValueError, OSError) as e:
+            failed.append(stem)
+            print(f"{stem:20s} skipped: {e}", file=sys.stderr)
+            continue
+        for n in notices:
+            print(f"note: {n}", file=sys.stderr)
+        h, w = original.shape[:2]
+        row = {"image": stem, "bytes": len(data), "bpp": metrics.bpp(len(data), h, w),
+               "psnr": metrics.psnr(original, rgb), "encode_s": t_enc, "decode_s": t_dec}
+        rows.append(row)
+        print(f"{stem:20s} {f'{w}x{h}':>10s} {len(data):8d} {row['bpp']:7.3f} {row['psnr']:7.2f} {t_enc:6.2f} {t_dec:6.2f}")
+    if rows:
+        m = metrics.mean_scores(rows)
+        print(f"{'mean (' + str(len(rows)) + ')':20s} {'':>10s} {m['bytes']:8.0f} {m['bpp']:7.3f} {m['psnr']:7.2f} "
+              f"{m['encode_s']:6.2f} {m['decode_s']:6.2f}")
+    if failed:
+        print(f"{len(failed)} of {len(paths)} images failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None):
+    """Dispatch to folder mode or a subcommand; every failure is one line on stderr and exit code 1."""
+    args = parse_args(argv)
+    try:
+        setup_device(args)
+        if args.command == "compress":
+            model, mid, _ = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
+            data, seconds, notices = compress_file(model, mid, args.input, args.output, args)
+            for n in notices:
+                print(f"note: {n}", file=sys.stderr)
+            print(f"{args.output}: {len(data)} bytes in {seconds:.2f} s")
+            return 0
+        if args.command == "decompress":
+            with open(args.input, "rb") as f:
+                data = f.read()
+            model, mid, _ = load_model(find_weights(data, args), args.device)
+            rgb, seconds = decompress_file(model, mid, args.input, args.output)
+            print(f"{args.output}: {rgb.shape[1]}x{rgb.shape[0]} in {seconds:.2f} s")
+            return 0
+        return run_folder(args)
+    except (FormatError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny untrained models saved as real checkpoints, and small test images."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from model import RDConfig, SeedConfig, build_model, save_checkpoint  # noqa: E402
+
+TINY_RD = RDConfig(N=16, M=24)
+TINY_SEED = SeedConfig(arch="resnet18", latent_channels=32, decoder_channels=(32, 16, 16, 8, 8))
+
+
+def photo_like(h, w, seed=0):
+    """A smooth random colour image with some texture (uint8 RGB)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([np.sin(6 * xx + c) * np.cos(4 * yy - c) for c in range(3)], -1) * 90 + 128
+    return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def rd_ckpt(tmp_path_factory):
+    """Path of a tiny untrained rd checkpoint with its integer tables built."""
+    torch.manual_seed(0)
+    model = build_model(TINY_RD).eval()
+    model.prior.build_tables()
+    path = str(tmp_path_factory.mktemp("w") / "rd_tiny.pt")
+    save_checkpoint(path, model, step=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def seed_ckpt(tmp_path_factory):
+    """Path of a tiny untrained seed-kind checkpoint (ResNet-18 trunk, 32 latent channels)."""
+    torch.manual_seed(0)
+    model = build_model(TINY_SEED).eval()
+    path = str(tmp_path_factory.mktemp("w") / "seed_tiny.pt")
+    save_checkpoint(path, model, half=True, step=0)
+    return path

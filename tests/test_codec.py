@@ -1,0 +1,127 @@
+"""Entropy coders, the file format and image round trips, including every bad-file error."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from codec import (CODERS, HEADER_BYTES, FormatError, compress, decompress, entropy_decode, entropy_encode,
+                   estimated_bits, latents_of, pack, unpack)
+from conftest import photo_like
+from model import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def rd(rd_ckpt):
+    model, ckpt = load_checkpoint(rd_ckpt)
+    return model, bytes.fromhex(ckpt["model_id"])
+
+
+@pytest.fixture(scope="module")
+def seed(seed_ckpt):
+    model, ckpt = load_checkpoint(seed_ckpt)
+    return model, bytes.fromhex(ckpt["model_id"])
+
+
+@pytest.mark.parametrize("coder", CODERS)
+def test_entropy_round_trip(coder):
+    rng = np.random.default_rng(0)
+    tables = [np.array([60000, 5000, 536]), np.array([1 << 16]), np.full(64, 1024)]
+    segments = [(rng.choice(3, 3000, p=t / t.sum()), t) for t in tables[:1]]
+    segments += [(np.zeros(10, np.int64), tables[1]), (rng.integers(0, 64, 500), tables[2])]
+    data = entropy_encode(segments, coder)
+    out = entropy_decode(data, [t for _, t in segments], [len(s) for s, _ in segments], coder)
+    for (s, _), o in zip(segments, out):
+        assert np.array_equal(s, o)
+    ideal = sum(-np.log2(t[s] / t.sum()).sum() for s, t in segments)
+    assert len(data) * 8 <= ideal * 1.02 + 64
+
+
+def header(**kw):
+    h = {"kind": "rd", "coder": "constriction", "model_id": b"abcd", "height": 5, "width": 7, "mode": "RGB",
+         "param": 400, "latent_shape": (24, 1, 1)}
+    h.update(kw)
+    return h
+
+
+def test_pack_unpack_round_trip():
+    data = pack(header(), b"payload!", b"al")
+    h, payload, alpha = unpack(data)
+    assert h == header() and payload == b"payload!" and alpha == b"al"
+    assert len(data) == HEADER_BYTES + 10
+
+
+def test_every_truncation_and_flip_is_rejected():
+    data = pack(header(), bytes(range(40)))
+    for n in range(len(data)):
+        with pytest.raises(FormatError):
+            unpack(data[:n])
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x10
+        with pytest.raises(FormatError):
+            unpack(bytes(bad))
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "magic"), (b"\x89PNG\r\n\x1a\n" + bytes(64), "magic"),
+    (pack(header(), b"x")[:3] + b"\x09" + pack(header(), b"x")[4:], "version"),
+])
+def test_foreign_files_are_rejected(data, message):
+    with pytest.raises(FormatError, match=message):
+        unpack(data)
+
+
+def test_absurd_dimensions_are_rejected_before_allocating():
+    body = pack(header(height=65535, width=65535), b"")[:-4]
+    with pytest.raises(FormatError, match="impossible size"):
+        unpack(body + struct.pack(">I", zlib.crc32(body)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (33, 47), (16, 16), (5, 130)])
+@pytest.mark.parametrize("kind", ["rd", "seed"])
+def test_image_round_trip_any_size(kind, shape, rd, seed):
+    model, mid = rd if kind == "rd" else seed
+    rgb = photo_like(*shape)
+    data = compress(model, mid, rgb, quality=3 if kind == "rd" else None)
+    out, mode, alpha = decompress(model, mid, data)
+    assert out.shape == rgb.shape and out.dtype == np.uint8 and mode == "RGB" and alpha is None
+
+
+def test_alpha_is_lossless_and_modes_are_kept(rd):
+    model, mid = rd
+    rgb, a = photo_like(20, 30), photo_like(20, 30, 1)[..., 0]
+    for mode in ("RGBA", "LA"):
+        out, m, alpha = decompress(model, mid, compress(model, mid, rgb, mode, a, quality=2))
+        assert m == mode and np.array_equal(alpha, a)
+
+
+def test_both_coders_decode_to_the_same_image(rd, seed):
+    rgb = photo_like(40, 56)
+    for model, mid in (rd, seed):
+        outs = [decompress(model, mid, compress(model, mid, rgb, quality=5 if model.cfg.kind == "rd" else None,
+                                                coder=c))[0] for c in CODERS]
+        assert np.array_equal(outs[0], outs[1])
+
+
+def test_wrong_model_is_a_clear_error(rd, seed):
+    data = compress(*rd, photo_like(16, 16), quality=2)
+    with pytest.raises(FormatError, match="made by model"):
+        decompress(*seed, data)
+    with pytest.raises(FormatError, match="made by model"):
+        decompress(rd[0], b"zzzz", data)
+
+
+def test_file_bits_match_estimated_bits(rd):
+    model, mid = rd
+    rgb = photo_like(256, 384)
+    y = latents_of(model, rgb, 4)
+    data = compress(model, mid, rgb, quality=4)
+    payload_bits = 8 * (len(data) - HEADER_BYTES)
+    assert abs(payload_bits / estimated_bits(model, y) - 1) < 0.01
+
+
+def test_quality_out_of_range(rd):
+    with pytest.raises(ValueError, match="outside"):
+        compress(*rd, photo_like(8, 8), quality=9)
