@@ -206,6 +206,54 @@ class RDModel(nn.Module):
         x_hat = self.g_s(ste_round(y) * ig)
         return {"x_hat": x_hat, "likelihoods": likelihoods}
 
+    @torch.no_grad()
+    def init_transforms(self, x, gain=12.0):
+        """Start as an orthonormal colour + Haar wavelet codec fitted to sample crops x (B, 3, H, W).
+
+        Each stride-2 layer begins as a 2×2 Haar step on the previous layer's most energetic outputs,
+        keeping as many of the new sub-bands (largest energy on x first) as it has channels; the
+        synthesis layers start as the exact adjoints (= inverses), GDNs as near-identity. The model
+        thus codes like a wavelet codec at step 0 and training only has to improve on that, which on a
+        CPU budget converges far faster than from random weights.
+        """
+        haar = torch.tensor([[[1, 1], [1, 1]], [[1, -1], [1, -1]], [[1, 1], [-1, -1]], [[1, -1], [-1, 1]]]) / 2.0
+        colour = torch.tensor([[1, 1, 1], [1, -1, 0], [1, 1, -2]]) / torch.tensor([3, 2, 6]).sqrt().view(3, 1)
+        downs = [m for m in self.g_a if isinstance(m, nn.Conv2d)]
+        ups = [m for m in self.g_s if isinstance(m, nn.ConvTranspose2d)][::-1]
+        basis = torch.einsum("ij,bkl->bijkl", colour, haar)  # level 1: (band, colour, RGB, 2, 2)
+        basis = basis.reshape(12, 3, 2, 2)
+        inputs = list(range(3))  # meaningful input channels of the current layer
+        h = x
+        for conv, deconv in zip(downs, ups):
+            k = conv.kernel_size[0] // 2
+            cand = torch.zeros(len(basis) if conv is downs[0] else 4 * len(inputs), conv.in_channels, *conv.kernel_size)
+            if conv is downs[0]:
+                cand[:, :, k : k + 2, k : k + 2] = basis
+            else:
+                for b in range(4):
+                    for j, c in enumerate(inputs):
+                        cand[b * len(inputs) + j, c, k : k + 2, k : k + 2] = haar[b]
+            energy = F.conv2d(h, cand, stride=2, padding=k).pow(2).mean(dim=(0, 2, 3))
+            keep = torch.argsort(energy, descending=True)[: conv.out_channels]
+            weight = conv.weight.mul_(0.01)  # spare channels start small but alive (zero would stay zero)
+            weight[: len(keep)] = cand[keep]
+            conv.bias.zero_()
+            deconv.weight.copy_(weight)
+            deconv.bias.zero_()
+            inputs = list(range(len(keep)))
+            h = conv(h)
+        for m in self.modules():
+            if isinstance(m, GDN):
+                m.beta.fill_(1.0)
+                m.gamma.copy_(1e-3 * torch.eye(m.gamma.shape[0]).view_as(m.gamma))
+        log_gain = torch.log(torch.tensor(self.cfg.lambdas) / LAMBDAS[len(LAMBDAS) // 2]) * 0.5 + math.log(gain)
+        self.log_gain.copy_(log_gain.view(-1, 1).expand_as(self.log_gain))
+        self.log_igain.copy_(-log_gain.view(-1, 1).expand_as(self.log_igain))
+        quality = 1 + torch.rand(len(x)) * (self.num_qualities - 1)
+        y = self.g_a(x) * self.gains(quality)[0]
+        with torch.enable_grad():
+            self.prior.fit(y.detach())
+
     def encode_latents(self, x, quality):
         """Image (1, 3, H, W) → integer-valued latents (1, M, H/16, W/16)."""
         g, _ = self.gains(quality)

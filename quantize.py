@@ -124,6 +124,16 @@ class FactorizedPrior(nn.Module):
         y_noisy = y + torch.rand_like(y) - 0.5 if training else torch.round(y)
         return y_noisy, self.likelihood(y_noisy)
 
+    def fit(self, y, steps=200, lr=2e-2):
+        """Fit the density alone to fixed latents y (B, C, H, W) by maximum likelihood (a warm start)."""
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        for _ in range(steps):
+            bits = -torch.log2(self.likelihood(y + torch.rand_like(y) - 0.5)).mean()
+            opt.zero_grad()
+            bits.backward()
+            opt.step()
+        return bits.item()
+
     @torch.no_grad()
     def build_tables(self):
         """Compute the integer frequency tables of every channel (once, after training)."""

@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
     p.add_argument("--rd-channels", default=None, help="rd model: override the preset's channels as N,M (hidden,latent)")
+    p.add_argument("--init-transforms", default="haar", choices=("haar", "random"),
+                   help="rd model, fresh runs: start the transforms as a colour + Haar wavelet codec fitted to "
+                        "training crops (fast convergence) or from PyTorch's random init")
     p.add_argument("--bits", type=int, default=8, help="seed model: bits per latent value B")
     p.add_argument("--seed-noise", action="store_true",
                    help="seed model: train with the seed README's biased Gaussian noise instead of uniform noise")
@@ -235,6 +238,9 @@ def main(argv=None):
         model, ckpt = load_checkpoint(args.init, args.device)
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         print(f"initialised from {args.init} (step {ckpt.get('step', '?')}), fresh optimizer")
+    if isinstance(model, RDModel) and state["step"] == 0 and not args.init and args.init_transforms == "haar":
+        model.init_transforms(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
+        print("transforms initialised as a colour + Haar wavelet codec fitted to 64 training crops")
     # channels_last runs the convolutions ~1.3–1.5× faster on this CPU (oneDNN's preferred layout).
     model = model.to(memory_format=torch.channels_last).train()
     vgg = vgg_loss_fn(args, args.device)

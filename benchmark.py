@@ -1,0 +1,347 @@
+"""Rate–distortion and speed benchmark of our checkpoints against classic codecs (through Pillow).
+
+  python benchmark.py                                  # Kodak if ../shared/data/kodak exists, else images/
+  python benchmark.py --data DIR --out DIR --codecs ours,jpeg420,webp,avif \
+      --extra ../shared/anchors/compressai-kodak/*.json --anchor jpeg420
+
+Writes to --out: one CompressAI-format JSON per codec, points.csv, rd_psnr.png, rd_msssim.png,
+bd_rates.md (BD-rate against --anchor, `bjontegaard` package, pchip) and visual.png (the same crop
+from every codec at nearly the same bpp). Results are cached per codec in OUT/cache/, so a re-run
+with one more codec only computes that one.
+
+Timing: classic codecs are timed in memory (PIL image → bytes → RGB array). Ours is timed like a
+user runs it: encode = compress + write the .qae file, decode = read it + decompress + write a PNG.
+"""
+import argparse
+import csv
+import glob
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import metrics
+from codec import atomic_write, compress, decompress, read_image, write_image
+from dataset import list_images
+from model import load_checkpoint
+
+DEFAULT_DATA = os.path.join("..", "shared", "data", "kodak")
+
+
+def _pillow(fmt, **opts):
+    """Encoder that saves a PIL image with Pillow's `fmt` writer; `q` fills the quality option."""
+    def encode(im, q):
+        buf = io.BytesIO()
+        kw = {k: (q if v == "Q" else v) for k, v in opts.items()}
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+    return encode
+
+
+def _plugin(module):
+    """Import a Pillow plugin module (registering its formats); None with a notice if missing."""
+    try:
+        mod = __import__(module)
+        if module == "pillow_heif":
+            mod.register_heif_opener()
+        return mod
+    except ImportError:
+        return None
+
+
+# name: (label, plugin module or None, encoder, qualities). Speed settings keep all of Kodak < 20 min.
+CLASSIC = {
+    "jpeg420": ("JPEG 4:2:0 (libjpeg-turbo)", None, _pillow("JPEG", quality="Q", subsampling=2),
+                [5, 10, 20, 30, 50, 70, 85, 95]),
+    "jpeg444": ("JPEG 4:4:4 (libjpeg-turbo)", None, _pillow("JPEG", quality="Q", subsampling=0),
+                [5, 10, 20, 30, 50, 70, 85, 95]),
+    "webp": ("WebP (method 6)", None, _pillow("WEBP", quality="Q", method=6), [2, 10, 25, 50, 75, 90, 98]),
+    "avif": ("AVIF 4:4:4 (Pillow, speed 6)", None, _pillow("AVIF", quality="Q", speed=6, subsampling="4:4:4"),
+             [10, 25, 40, 55, 70, 82, 92]),
+    "jxl": ("JPEG XL (effort 5)", "pillow_jxl", _pillow("JXL", quality="Q", effort=5), [10, 30, 50, 70, 85, 93, 98]),
+    "heic": ("HEIC 4:4:4 (x265, preset fast)", "pillow_heif",
+             lambda im, q: _pillow("HEIF", quality="Q", chroma=444, enc_params={"preset": "fast"})(im, q),
+             [10, 30, 50, 65, 80, 90, 97]),
+    "jpeg2000": ("JPEG 2000 (OpenJPEG)", None,
+                 lambda im, q: _pillow("JPEG2000", quality_mode="rates", quality_layers=[q])(im, q),
+                 [200, 120, 70, 40, 24, 14, 8]),
+}
+
+
+def parse_args(argv=None):
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else "images",
+                   help="folder of test images (default: ../shared/data/kodak when present, else images/)")
+    p.add_argument("--out", default="benchmark_out", help="output folder")
+    p.add_argument("--codecs", default="ours," + ",".join(CLASSIC),
+                   help=f"comma-separated subset of: ours, {', '.join(CLASSIC)}")
+    p.add_argument("--weights", nargs="*", default=None,
+                   help="our checkpoints (default: every weights/*.pt)")
+    p.add_argument("--qualities", default="1,2,3,4,5,6,7,8", help="qualities of our rd checkpoints")
+    p.add_argument("--extra", nargs="*", default=[], help="published results JSON files (CompressAI format) to plot and rate")
+    p.add_argument("--anchor", default="jpeg420", help="codec name (or extra JSON name) the BD-rates are measured against")
+    p.add_argument("--visual-image", default=None, help="stem of the image for visual.png (default: kodim23 or the first)")
+    p.add_argument("--visual-bpp", type=float, default=0.35, help="target bpp of the visual comparison")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--no-cache", action="store_true", help="recompute every codec")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- measuring
+def measure_point(encode, decode, images, desc):
+    """Encode and decode every image at one setting; per-image metrics and times."""
+    rows = []
+    for name, rgb in tqdm(images, desc=desc, leave=False):
+        t = time.perf_counter()
+        data = encode(rgb)
+        t_enc = time.perf_counter() - t
+        t = time.perf_counter()
+        out = decode(data)
+        t_dec = time.perf_counter() - t
+        rows.append({"image": name, **metrics.score(rgb, out, len(data)), "encode_s": t_enc, "decode_s": t_dec})
+    return rows
+
+
+def classic_points(name, images):
+    """Per-quality rows of a classic codec."""
+    label, plugin, encoder, qualities = CLASSIC[name]
+    points = []
+    for q in qualities:
+        rows = measure_point(lambda rgb: encoder(Image.fromarray(rgb), q),
+                             lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                             images, f"{name} q={q}")
+        points.append({"quality": q, "rows": rows})
+    return label, points
+
+
+def our_points(path, images, qualities, tmp):
+    """Per-quality rows of one of our checkpoints, timed with file I/O like test.py."""
+    model, ckpt = load_checkpoint(path)
+    mid = bytes.fromhex(ckpt["model_id"])
+    qualities = qualities if ckpt["kind"] == "rd" else [None]
+    qae, png = os.path.join(tmp, "x.qae"), os.path.join(tmp, "x.png")
+
+    def encode(rgb, q):
+        atomic_write(qae, compress(model, mid, rgb, quality=q))
+        return open(qae, "rb").read()
+
+    def decode(_):
+        with open(qae, "rb") as f:
+            rgb, mode, alpha = decompress(model, mid, f.read())
+        write_image(png, rgb, mode, alpha)
+        return rgb
+
+    points = [{"quality": q, "rows": measure_point(lambda rgb, q=q: encode(rgb, q), decode, images,
+                                                   f"{os.path.basename(path)} q={q}")} for q in qualities]
+    label = f"ours: {os.path.basename(path)} ({ckpt['kind']}, step {ckpt.get('step', '?')})"
+    return label, points, ckpt["model_id"]
+
+
+def summarise(name, label, points):
+    """CompressAI-format results dict of per-quality points (means over images), per-image values kept."""
+    keys = {"bpp": "bpp", "psnr": "psnr-rgb", "ms_ssim": "ms-ssim-rgb", "ms_ssim_db": "ms-ssim-rgb-db",
+            "ssim": "ssim-rgb", "encode_s": "encoding_time", "decode_s": "decoding_time"}
+    results = {v: [float(np.nanmean([r[k] for r in p["rows"]])) for p in points] for k, v in keys.items()}
+    results["encoding_time_median"] = [statistics.median(r["encode_s"] for r in p["rows"]) for p in points]
+    results["decoding_time_median"] = [statistics.median(r["decode_s"] for r in p["rows"]) for p in points]
+    results["quality"] = [p["quality"] for p in points]
+    return {"name": name, "description": label, "results": results,
+            "per_image": [{"quality": p["quality"], "images": p["rows"]} for p in points]}
+
+
+# ----------------------------------------------------------------------------- reporting
+def bd_rate(anchor, test):
+    """(BD-rate % of test against anchor on bpp/PSNR (pchip) or None, note on the PSNR-range overlap)."""
+    import warnings
+
+    import bjontegaard
+
+    a = sorted(zip(anchor["bpp"], anchor["psnr-rgb"]))
+    t = sorted(zip(test["bpp"], test["psnr-rgb"]))
+    if len(a) < 2 or len(t) < 2:
+        return None, "too few points"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            value = float(bjontegaard.bd_rate([p[0] for p in a], [p[1] for p in a], [p[0] for p in t],
+                                              [p[1] for p in t], method="pchip", require_matching_points=False))
+        except Exception as e:
+            return None, f"not comparable ({type(e).__name__})"
+    overlap = [str(w.message) for w in caught if "overlap" in str(w.message)]
+    return value, ("PSNR ranges overlap too little: " + overlap[0].split(".")[0] if overlap else "")
+
+
+def load_extra(path):
+    """A published results JSON (CompressAI format) as a curve dict."""
+    with open(path) as f:
+        d = json.load(f)
+    r = d["results"]
+    name = os.path.splitext(os.path.basename(path))[0]  # CompressAI's own names are not unique
+    if "ms-ssim-rgb" in r and "ms-ssim-rgb-db" not in r:
+        r["ms-ssim-rgb-db"] = [metrics.ms_ssim_db(v) for v in r["ms-ssim-rgb"]]
+    return {"name": f"{name} (published)", "description": f"{name} (published)", "results": r}
+
+
+def write_reports(curves, anchor_name, out):
+    """points.csv, the two RD plots and the BD-rate table (printed and as markdown)."""
+    with open(os.path.join(out, "points.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        cols = ["bpp", "psnr-rgb", "ms-ssim-rgb", "ms-ssim-rgb-db", "ssim-rgb", "encoding_time", "decoding_time"]
+        w.writerow(["codec", "quality"] + cols)
+        for c in curves:
+            r = c["results"]
+            for i in range(len(r["bpp"])):
+                w.writerow([c["name"], r.get("quality", [""] * len(r["bpp"]))[i]] + [r.get(k, [""] * len(r["bpp"]))[i] for k in cols])
+    plot(curves, "psnr-rgb", "PSNR (dB, RGB)", os.path.join(out, "rd_psnr.png"))
+    plot(curves, "ms-ssim-rgb-db", "MS-SSIM (dB)", os.path.join(out, "rd_msssim.png"))
+    anchor = next((c for c in curves if c["name"] == anchor_name or c["name"].startswith(anchor_name)), None)
+    lines = [f"| codec | BD-rate vs {anchor_name} (PSNR) | bpp range | note |", "|---|---|---|---|"]
+    for c in curves:
+        r = c["results"]
+        bd, note = bd_rate(anchor["results"], r) if anchor else (None, f"no anchor {anchor_name!r}")
+        lines.append(f"| {c['description'] or c['name']} | {'n/a' if bd is None else f'{bd:+.1f} %'} "
+                     f"| {min(r['bpp']):.3f} – {max(r['bpp']):.3f} | {note} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(out, "bd_rates.md"), "w") as f:
+        f.write(table + "\n")
+
+
+def plot(curves, key, ylabel, path):
+    """One bpp-vs-metric plot of every curve that has the metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for c in curves:
+        r = c["results"]
+        if key not in r:
+            continue
+        pts = sorted((b, v) for b, v in zip(r["bpp"], r[key]) if v is not None and not math.isnan(v))
+        style = "--" if c["name"].endswith("(published)") else "-o"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=c["description"] or c["name"], ms=3)
+    ax.set_xlabel("bits per pixel (real file size)")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 2.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def visual(curves, images, coders, stem, target_bpp, path, crop=256):
+    """The same crop of one image from the original and every codec at the bpp nearest the target."""
+    from PIL import ImageDraw
+
+    name, rgb = next(((n, x) for n, x in images if n == stem), images[0])
+    h, w = rgb.shape[:2]
+    y0, x0 = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+    tiles = [("original", rgb)]
+    for c in curves:
+        if c["name"] not in coders:
+            continue
+        best = min(((p["quality"], r) for p in c["per_image"] for r in p["images"] if r["image"] == name),
+                   key=lambda qr: abs(qr[1]["bpp"] - target_bpp), default=None)
+        if best is not None:
+            tiles.append((f"{c['name']} {best[1]['bpp']:.3f} bpp {best[1]['psnr']:.2f} dB", coders[c["name"]](rgb, best[0])))
+    label_h = 18
+    sheet = Image.new("RGB", (len(tiles) * (crop + 4), crop + label_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, img) in enumerate(tiles):
+        sheet.paste(Image.fromarray(img[y0 : y0 + crop, x0 : x0 + crop]), (i * (crop + 4), label_h))
+        draw.text((i * (crop + 4) + 2, 3), label, fill="black")
+    sheet.save(path)
+    print(f"visual comparison of {name} at ~{target_bpp} bpp: {path}")
+
+
+def strict_json(value):
+    """Replace NaN (e.g. MS-SSIM of images too small for it) by null, so the JSON is standard."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def cached(out, name, key, compute, use_cache):
+    """Results of one codec from OUT/cache/NAME.json when its key matches, else computed and stored."""
+    path = os.path.join(out, "cache", f"{name}.json")
+    if use_cache and os.path.exists(path):
+        with open(path) as f:
+            d = json.load(f)
+        if d.get("key") == key:
+            return d["result"]
+    result = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, json.dumps({"key": key, "result": result}).encode())
+    return result
+
+
+def main(argv=None):
+    """Run every requested codec over the data, then write JSONs, CSV, plots, BD-rates and the visual."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = list_images(args.data)[: args.limit or None]
+    if not paths:
+        sys.exit(f"error: no images in {args.data!r}")
+    images = [(os.path.splitext(os.path.basename(p))[0], read_image(p)[0]) for p in paths]
+    os.makedirs(args.out, exist_ok=True)
+    names = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    unknown = [n for n in names if n != "ours" and n not in CLASSIC]
+    if unknown:
+        sys.exit(f"error: unknown codec(s) {', '.join(unknown)} (choose from ours, {', '.join(CLASSIC)})")
+    image_key = [n for n, _ in images]
+    curves, coders = [], {}
+    for name in names:
+        if name == "ours":
+            weights = args.weights if args.weights is not None else sorted(
+                p for p in glob.glob(os.path.join("weights", "*.pt")) if not p.endswith("_resume.pt"))
+            qualities = [float(q) for q in args.qualities.split(",")]
+            for path in weights:
+                model, ckpt = load_checkpoint(path)
+                cname = "ours-" + os.path.splitext(os.path.basename(path))[0]
+                key = {"model_id": ckpt["model_id"], "qualities": qualities, "images": image_key}
+
+                def compute(path=path):
+                    label, points, _ = our_points(path, images, qualities, os.path.join(args.out, "cache"))
+                    return summarise(cname, label, points)
+
+                curves.append(cached(args.out, cname, key, compute, not args.no_cache))
+                mid = bytes.fromhex(ckpt["model_id"])
+                coders[cname] = lambda rgb, q, m=model, i=mid: decompress(m, i, compress(m, i, rgb, quality=q))[0]
+            continue
+        label, plugin, encoder, qualities = CLASSIC[name]
+        if plugin and _plugin(plugin) is None:
+            print(f"skipping {name}: Pillow plugin {plugin!r} is not installed")
+            continue
+        key = {"qualities": qualities, "label": label, "images": image_key}
+        curves.append(cached(args.out, name, key, lambda: summarise(name, *classic_points(name, images)), not args.no_cache))
+        coders[name] = lambda rgb, q, e=encoder: np.asarray(Image.open(io.BytesIO(e(Image.fromarray(rgb), q))).convert("RGB"))
+    for c in curves:
+        atomic_write(os.path.join(args.out, f"{c['name']}.json"), json.dumps(strict_json(c), indent=1).encode())
+    extras = [load_extra(p) for p in args.extra]
+    write_reports(curves + extras, args.anchor, args.out)
+    for c in curves:
+        r = c["results"]
+        print(f"{c['name']:22s} median encode {statistics.median(r['encoding_time_median']):.3f} s, "
+              f"decode {statistics.median(r['decoding_time_median']):.3f} s per image")
+    visual(curves, images, coders, args.visual_image or "kodim23", args.visual_bpp, os.path.join(args.out, "visual.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

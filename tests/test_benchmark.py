@@ -1,0 +1,45 @@
+"""benchmark.py end to end on two small images, and the BD-rate helper."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, photo_like
+
+import benchmark
+
+
+def test_benchmark_end_to_end(rd_ckpt, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(photo_like(176, 192, i)).save(data / f"img{i}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--data", str(data), "--out", str(out),
+           "--codecs", "ours,jpeg420,webp", "--weights", rd_ckpt, "--qualities", "1,4,8"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    for name in ("ours-rd_tiny", "jpeg420", "webp"):
+        d = json.load(open(out / f"{name}.json"))
+        assert {"name", "description", "results"} <= set(d)
+        assert {"bpp", "psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time"} <= set(d["results"])
+        assert len(d["results"]["bpp"]) == len(d["results"]["psnr-rgb"]) >= 3
+    rows = list(csv.DictReader(open(out / "points.csv")))
+    assert {r["codec"] for r in rows} == {"ours-rd_tiny", "jpeg420", "webp"}
+    for png in ("rd_psnr.png", "rd_msssim.png", "visual.png"):
+        assert Image.open(out / png).size[0] > 100
+    assert "| JPEG 4:2:0" in (out / "bd_rates.md").read_text()
+    # A re-run with the cache recomputes nothing: it is fast and gives the same numbers.
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r2.returncode == 0 and json.load(open(out / "jpeg420.json")) == json.load(open(out / "jpeg420.json"))
+
+
+def test_bd_rate_against_itself_and_half_bits():
+    curve = {"bpp": [0.2, 0.4, 0.8, 1.6], "psnr-rgb": [27.0, 30.0, 33.0, 36.5]}
+    assert benchmark.bd_rate(curve, curve)[0] == pytest.approx(0.0, abs=1e-9)
+    half = {"bpp": [b * 0.5 for b in curve["bpp"]], "psnr-rgb": curve["psnr-rgb"]}
+    assert benchmark.bd_rate(curve, half)[0] == pytest.approx(-50.0, abs=1e-6)
