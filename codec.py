@@ -166,33 +166,59 @@ def seed_symbols(payload, shape, bits, coder):
 
 
 # ----------------------------------------------------------------------------- image ↔ bytes
-def _pad(x, stride):
-    """Replicate-pad (1, 3, H, W) on the bottom/right to a multiple of the stride."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % stride, (-w) % stride
-    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+TILE = 1024  # pixels: larger images are coded in overlapping tiles, which bounds memory
+HALO = 64  # pixels of context on each side of a tile (≥ the rd analysis transform's 61-px receptive field)
+
+
+def _spans(n, tile, halo):
+    """(start, end, start with halo, end with halo) of the tiles covering 0 … n."""
+    return [(a, min(a + tile, n), max(0, a - halo), min(n, a + tile + halo)) for a in range(0, n, tile)]
 
 
 def latents_of(model, rgb, quality=None):
-    """Integer latents of an image: seed = symbols 0 … 2**B, rd = rounded latents; (C, h, w) tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
-    x = _pad(x, model.cfg.stride).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        if isinstance(model, RDModel):
-            return model.encode_latents(x, quality)[0]
-        return quantize_bbit(model.encoder(x), model.cfg.bits, "symbols")[0]
+    """Integer latents of an image: seed = symbols 0 … 2**B, rd = rounded latents; (C, h, w) tensor.
+
+    The image is replicate-padded to a multiple of the stride and, when large, encoded in tiles with
+    HALO pixels of context, so peak memory stays bounded for any image size.
+    """
+    s = model.cfg.stride
+    h, w = rgb.shape[:2]
+    ph, pw = -(-h // s) * s, -(-w // s) * s
+    out = None
+    for y0, y1, ya, yb in _spans(ph, TILE, HALO):
+        for x0, x1, xa, xb in _spans(pw, TILE, HALO):
+            x = torch.from_numpy(np.array(rgb[ya:yb, xa:xb]))  # a copy: Pillow arrays are read-only
+            x = x.permute(2, 0, 1)[None].float() / 255.0
+            x = F.pad(x, (0, xb - xa - x.shape[-1], 0, yb - ya - x.shape[-2]), mode="replicate")
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                if isinstance(model, RDModel):
+                    y = model.encode_latents(x, quality)[0]
+                else:
+                    y = quantize_bbit(model.encoder(x), model.cfg.bits, "symbols")[0]
+            if out is None:
+                out = torch.empty((y.shape[0], ph // s, pw // s), dtype=y.dtype)
+            out[:, y0 // s : y1 // s, x0 // s : x1 // s] = y[:, (y0 - ya) // s : (y1 - ya) // s, (x0 - xa) // s : (x1 - xa) // s]
+    return out
 
 
 def image_of(model, latents, height, width, quality=None):
-    """Reconstruct uint8 RGB (H, W, 3) from integer latents (C, h, w), rounding and clamping."""
-    with torch.inference_mode():
-        z = latents[None].float().contiguous(memory_format=torch.channels_last)
-        if isinstance(model, RDModel):
-            x = model.decode_latents(z, quality)
-        else:
-            x = model.decoder(quantize_bbit(z, model.cfg.bits, "dequantize"))
-        x = (x[0, :, :height, :width].clamp(0, 1) * 255).round().to(torch.uint8)
-    return x.permute(1, 2, 0).contiguous().numpy()
+    """Reconstruct uint8 RGB (H, W, 3) from integer latents (C, h, w), rounding and clamping; tiled when large."""
+    s = model.cfg.stride
+    out = np.empty((height, width, 3), np.uint8)
+    for y0, y1, ya, yb in _spans(latents.shape[1], TILE // s, HALO // s):
+        for x0, x1, xa, xb in _spans(latents.shape[2], TILE // s, HALO // s):
+            z = latents[None, :, ya:yb, xa:xb].float().contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                if isinstance(model, RDModel):
+                    x = model.decode_latents(z, quality)
+                else:
+                    x = model.decoder(quantize_bbit(z, model.cfg.bits, "dequantize"))
+            x = x[0, :, (y0 - ya) * s : (y1 - ya) * s, (x0 - xa) * s : (x1 - xa) * s]
+            x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            hh, ww = min(y1 * s, height) - y0 * s, min(x1 * s, width) - x0 * s
+            out[y0 * s : y0 * s + hh, x0 * s : x0 * s + ww] = x[:hh, :ww]
+    return out
 
 
 def rd_segments(model, y_hat):

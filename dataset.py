@@ -34,24 +34,26 @@ class CropDataset(Dataset):
     """Random crops of photos: random downscale (0.5–1, hides JPEG artefacts), crop, flip.
 
     Images are decoded once and kept in RAM (long side ≤ max_side) because decoding JPEGs would
-    otherwise cost more CPU than a small model's training step.
+    otherwise cost more CPU than a small model's training step. Items are asked for as
+    (image index, seed): the crop is a pure function of both, so any process (a resumed run, a
+    DataLoader worker, one rank of a distributed run) draws exactly the same crop for the same key.
+    An integer key gives the deterministic centre crop (validation).
     """
 
-    def __init__(self, paths, crop=128, max_side=512, min_scale=0.5, train=True, seed=0):
-        self.crop, self.min_scale, self.train = crop, min_scale, train
+    def __init__(self, paths, crop=128, max_side=512, min_scale=0.5):
+        self.crop, self.min_scale = crop, min_scale
         self.images = [img for img in (read_rgb(p, max_side) for p in paths) if min(img.shape[:2]) >= 16]
         if not self.images:
             raise ValueError("no usable images (all unreadable or smaller than 16 px)")
-        self.rng = np.random.default_rng(seed)
 
     def __len__(self):
         return len(self.images)
 
-    def _scaled(self, img):
+    def _scaled(self, img, rng):
         """Random area downscale, never below the crop size; small images are upscaled to fit it."""
         h, w = img.shape[:2]
-        lo = max(self.min_scale, self.crop / min(h, w)) if self.train else 1.0
-        s = self.rng.uniform(min(lo, 1.0), 1.0) if lo < 1.0 else lo
+        lo = max(self.min_scale, self.crop / min(h, w)) if rng else 1.0
+        s = rng.uniform(min(lo, 1.0), 1.0) if lo < 1.0 else lo
         if min(h, w) * s < self.crop:
             s = self.crop / min(h, w)
         if abs(s - 1.0) > 1e-3:
@@ -60,16 +62,18 @@ class CropDataset(Dataset):
                              interpolation=interp)
         return img
 
-    def __getitem__(self, i):
-        """One crop as a float tensor (3, crop, crop) in [0, 1]."""
-        img = self._scaled(self.images[i])
+    def __getitem__(self, key):
+        """Crop for key = (index, seed) (random) or index (centre): float tensor (3, crop, crop) in [0, 1]."""
+        i, seed = key if isinstance(key, (tuple, list)) else (key, None)
+        rng = np.random.default_rng(seed) if seed is not None else None
+        img = self._scaled(self.images[i], rng)
         h, w = img.shape[:2]
-        if self.train:
-            y, x = self.rng.integers(0, h - self.crop + 1), self.rng.integers(0, w - self.crop + 1)
+        if rng:
+            y, x = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
         else:
             y, x = (h - self.crop) // 2, (w - self.crop) // 2
         patch = img[y : y + self.crop, x : x + self.crop]
-        if self.train and self.rng.random() < 0.5:
+        if rng and rng.random() < 0.5:
             patch = patch[:, ::-1]
         return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float() / 255.0
 

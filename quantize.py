@@ -107,10 +107,12 @@ class FactorizedPrior(nn.Module):
                 x = x + torch.tanh(self.factors[i]) * torch.tanh(x)
         return x
 
+    @torch.autocast("cuda", enabled=False)
     def likelihood(self, y):
         """P(round(y)) under the density convolved with a unit box, for y shaped (B, C, H, W)."""
         b, c, h, w = y.shape
-        v = y.permute(1, 0, 2, 3).reshape(c, 1, -1)
+        # float32 even under autocast: bf16 likelihoods would make the rate term meaningless.
+        v = y.float().permute(1, 0, 2, 3).reshape(c, 1, -1)
         lower = self._logits_cdf(v - 0.5)
         upper = self._logits_cdf(v + 0.5)
         # Subtract on the side where the sigmoid is not saturated, for precision.
@@ -119,9 +121,12 @@ class FactorizedPrior(nn.Module):
         p = p.clamp_min(LIKELIHOOD_BOUND)
         return p.reshape(c, b, h, w).permute(1, 0, 2, 3)
 
-    def forward(self, y, training=True):
-        """Return (noisy or rounded y, its likelihoods) for the rate term."""
-        y_noisy = y + torch.rand_like(y) - 0.5 if training else torch.round(y)
+    def forward(self, y, training=True, noise=None):
+        """Return (noisy or rounded y, its likelihoods); noise in [-0.5, 0.5) may be given (else drawn)."""
+        if training:
+            y_noisy = y + (noise if noise is not None else torch.rand_like(y) - 0.5)
+        else:
+            y_noisy = torch.round(y)
         return y_noisy, self.likelihood(y_noisy)
 
     def fit(self, y, steps=200, lr=2e-2):

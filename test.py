@@ -15,7 +15,8 @@ import time
 import torch
 
 import metrics
-from codec import FormatError, compress, decompress, read_image, unpack, write_image, atomic_write, CODERS
+from codec import CODERS, FormatError, atomic_write, compress, decompress, read_image, unpack, write_image
+from encryption import ENV_VAR, decrypt, encrypt, is_encrypted, read_passphrase
 from dataset import list_images
 from model import load_checkpoint
 
@@ -32,6 +33,11 @@ def parse_args(argv=None):
     common.add_argument("--quality", type=float, default=None,
                         help="rd models: quality 1 (smallest) … 8 (best), fractions allowed; default: highest")
     common.add_argument("--coder", default="constriction", choices=CODERS, help="entropy coder written into new files")
+    common.add_argument("--encrypt", action="store_true",
+                        help="password-protect new files (AES-256-GCM, scrypt key); the passphrase comes from "
+                             f"--key-file, else ${ENV_VAR}, else is asked for twice at the terminal")
+    common.add_argument("--key-file", default=None,
+                        help="file holding the passphrase (for --encrypt and for opening encrypted files)")
     common.add_argument("--device", default="cpu", help="cpu or cuda")
     common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,23 +92,31 @@ def find_weights(data, args):
     raise FormatError(f"no checkpoint in {folder}/ has the identity {wanted} that made this file (pass --weights)")
 
 
-def compress_file(model, mid, src, dst, args):
-    """Compress one image file to dst atomically; returns (file bytes, seconds, notices)."""
+def compress_file(model, mid, src, dst, args, passphrase=None):
+    """Compress one image file to dst atomically (encrypted if a passphrase is given); (bytes, seconds, notices)."""
     t = time.perf_counter()
     rgb, mode, alpha, notices = read_image(src)
     data = compress(model, mid, rgb, mode, alpha, args.quality, args.coder)
+    if passphrase:
+        data = encrypt(data, passphrase)
     atomic_write(dst, data)
     return data, time.perf_counter() - t, notices
 
 
-def decompress_file(model, mid, src, dst):
-    """Decompress one file to an image atomically; returns (RGB array, seconds)."""
-    t = time.perf_counter()
-    with open(src, "rb") as f:
+def read_compressed(path, args, passphrase=None):
+    """A compressed file's bytes, decrypted first when it is encrypted (asking for the passphrase if needed)."""
+    with open(path, "rb") as f:
         data = f.read()
+    if is_encrypted(data):
+        data = decrypt(data, passphrase or read_passphrase(args.key_file))
+    return data
+
+
+def decompress_file(model, mid, data, dst):
+    """Decompress a (decrypted) file's bytes to an image file, atomically; returns the RGB array."""
     rgb, mode, alpha = decompress(model, mid, data)
     write_image(dst, rgb, mode, alpha)
-    return rgb, time.perf_counter() - t
+    return rgb
 
 
 def run_folder(args):
@@ -113,6 +127,7 @@ def run_folder(args):
     model, mid, ckpt = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
     print(f"model {args.weights or DEFAULT_WEIGHTS} ({ckpt['kind']}, id {mid.hex()}, step {ckpt.get('step', '?')})"
           + (f", quality {args.quality or model.num_qualities}" if ckpt["kind"] == "rd" else ""))
+    passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
     print(f"{'image':20s} {'size':>10s} {'bytes':>8s} {'bpp':>7s} {'PSNR':>7s} {'enc s':>6s} {'dec s':>6s}")
     rows, failed = [], []
     for path in paths:
@@ -120,8 +135,10 @@ def run_folder(args):
         qae = os.path.join(args.compressed_dir, stem + ".qae")
         png = os.path.join(args.decompressed_dir, stem + ".png")
         try:
-            data, t_enc, notices = compress_file(model, mid, path, qae, args)
-            rgb, t_dec = decompress_file(model, mid, qae, png)
+            data, t_enc, notices = compress_file(model, mid, path, qae, args, passphrase)
+            t = time.perf_counter()
+            rgb = decompress_file(model, mid, read_compressed(qae, args, passphrase), png)
+            t_dec = time.perf_counter() - t
             original = read_image(path)[0]
         except (ValueError, OSError) as e:
             failed.append(stem)
@@ -151,16 +168,18 @@ def main(argv=None):
         setup_device(args)
         if args.command == "compress":
             model, mid, _ = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
-            data, seconds, notices = compress_file(model, mid, args.input, args.output, args)
+            passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
+            data, seconds, notices = compress_file(model, mid, args.input, args.output, args, passphrase)
             for n in notices:
                 print(f"note: {n}", file=sys.stderr)
             print(f"{args.output}: {len(data)} bytes in {seconds:.2f} s")
             return 0
         if args.command == "decompress":
-            with open(args.input, "rb") as f:
-                data = f.read()
+            t = time.perf_counter()
+            data = read_compressed(args.input, args)
             model, mid, _ = load_model(find_weights(data, args), args.device)
-            rgb, seconds = decompress_file(model, mid, args.input, args.output)
+            rgb = decompress_file(model, mid, data, args.output)
+            seconds = time.perf_counter() - t
             print(f"{args.output}: {rgb.shape[1]}x{rgb.shape[0]} in {seconds:.2f} s")
             return 0
         return run_folder(args)

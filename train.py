@@ -20,7 +20,7 @@ from dataset import CropDataset, list_images, split_paths
 from model import RDConfig, RDModel, SeedConfig, build_model, load_checkpoint, save_checkpoint
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-RD_PRESETS = {"rd": dict(N=96, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192)}
+RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192)}
 
 
 def parse_args(argv=None):
@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50, help="log a line every this many steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/NAME_resume.pt (weights, optimizer, step, RNG)")
     p.add_argument("--init", default=None, help="start from the weights of this checkpoint with a fresh optimizer")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision on CUDA")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p.parse_args(argv)
 
@@ -101,8 +102,8 @@ def make_data(args):
         val_paths = val_paths or train_paths[:1]
         print(f"no images in {args.val_dir!r}: holding out {len(val_paths)} training photos for validation")
     print(f"loading {len(train_paths)} training and {len(val_paths)} validation photos into RAM …")
-    train = CropDataset(train_paths, args.crop, seed=args.seed)
-    val = CropDataset(val_paths, args.crop, train=False)
+    train = CropDataset(train_paths, args.crop)
+    val = CropDataset(val_paths, args.crop)
     return train, val
 
 
@@ -144,27 +145,50 @@ def compute_loss(model, x, out, quality, vgg, args):
     return loss, parts
 
 
-def sample_quality(model, n, args):
-    """Qualities for a batch: uniform over the whole knob (one model, every rate) or fixed."""
+def sample_randomness(model, seeds, latent_hw):
+    """Per-sample quality and quantization noise of the rd model, drawn from each sample's own seed.
+
+    Keying randomness to the sample (not to the process) makes a resumed run, or the same global
+    batch split over several processes, draw exactly the same numbers.
+    """
     if not isinstance(model, RDModel):
-        return None
-    if model.num_qualities == 2 and model.cfg.lambdas[0] == model.cfg.lambdas[1]:
-        return torch.ones(n)
-    return 1 + torch.rand(n) * (model.num_qualities - 1)
+        return None, None
+    qualities, noise = [], []
+    fixed = model.num_qualities == 2 and model.cfg.lambdas[0] == model.cfg.lambdas[1]
+    for s in seeds.tolist():
+        g = torch.Generator().manual_seed(int(s))
+        q = torch.rand(1, generator=g)
+        qualities.append(torch.ones(1) if fixed else 1 + q * (model.num_qualities - 1))
+        noise.append(torch.rand((model.cfg.M, *latent_hw), generator=g) - 0.5)
+    return torch.cat(qualities), torch.stack(noise)
 
 
-def epoch_loader(dataset, state, args):
-    """Batches of the current epoch in an order fixed by (seed, epoch), minus those already done.
+def epoch_loader(dataset, state, args, rank=0, world=1):
+    """This process's share of the current epoch's batches, in an order fixed by (seed, epoch).
 
-    A resumed run thus sees exactly the batches the interrupted one would have seen next.
+    Batches already done (a resumed run) are skipped; each item is (image index, crop seed).
     """
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["epoch"])
-    order = torch.randperm(len(dataset), generator=g)[state["epoch_step"] * args.batch_size :].tolist()
-    # A private generator: DataLoader draws a base seed per iterator, which would otherwise shift
-    # the global RNG (noise, qualities) of a resumed run.
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=order, drop_last=True,
-                      num_workers=args.workers, generator=g,
-                      worker_init_fn=lambda i: dataset.rng.__init__(torch.initial_seed() % 2 ** 32 + i))
+    order = torch.randperm(len(dataset), generator=g).tolist()
+    local = args.batch_size // world
+    keys = []
+    for b in range(state["epoch_step"], len(dataset) // args.batch_size):
+        for pos in range(b * args.batch_size + rank * local, b * args.batch_size + (rank + 1) * local):
+            keys.append((order[pos], int(np.random.SeedSequence([args.seed, state["epoch"], pos]).generate_state(1)[0])))
+    return DataLoader(KeyedItems(dataset, keys), batch_size=local, shuffle=False, num_workers=args.workers)
+
+
+class KeyedItems(torch.utils.data.Dataset):
+    """A list of (index, seed) keys of a CropDataset, yielding (crop, seed)."""
+
+    def __init__(self, dataset, keys):
+        self.dataset, self.keys = dataset, keys
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        return self.dataset[self.keys[i]], self.keys[i][1]
 
 
 def lr_at(step, progress, args):
@@ -184,7 +208,7 @@ def validate(model, val, vgg, args):
     for q in qualities:
         quality = None if q is None else torch.full((len(x),), q)
         if quality is None:
-            out = model(x, noise="ste")
+            out = model(x, mode="ste")
         else:
             g, ig = model.gains(quality)
             y_hat = torch.round(model.g_a(x) * g)
@@ -196,41 +220,55 @@ def validate(model, val, vgg, args):
     return totals
 
 
-def save_all(model, opt, state, args, dataset):
+def save_all(model, opt, state, args):
     """Atomically write the resume state (weights + optimizer + RNG) and the shippable checkpoint."""
     if isinstance(model, RDModel):
         model.prior.build_tables()
     recipe = {k: v for k, v in vars(args).items() if k not in ("resume",)}
     save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), model, optimizer=opt.state_dict(),
-                    torch_rng=torch.get_rng_state(), data_rng=dataset.rng.bit_generator.state,
-                    recipe=recipe, **state)
+                    torch_rng=torch.get_rng_state(), recipe=recipe, **state)
     # Shipped weights: fp32 for the small rd model (a later session may resume from it), fp16 for ResNets.
     save_checkpoint(os.path.join(args.out, f"{args.name}.pt"), model, half=not isinstance(model, RDModel),
                     recipe=recipe, **state)
 
 
-def main(argv=None):
-    """Train until the epoch, step or time budget is used up, checkpointing on the way."""
-    args = parse_args(argv)
-    args.name = args.name or (f"seed_{args.arch}" if args.arch in SEED_ARCHS else args.arch)
-    args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA device is available")
-    train_set, val_set = make_data(args)
-    model = make_model(args).to(args.device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0}
+def setup_distributed(args):
+    """(rank, world size); joins the process group when launched by torchrun (NCCL on GPUs, else Gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    backend = "nccl" if args.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    if args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} (the global batch) must be divisible by the {world} processes")
+    return dist.get_rank(), world
+
+
+def synced(values, rank, world):
+    """Global mean of values[0] and rank 0's values[1:], identical on every process (one all-reduce)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor([values[0] / world] + [v if rank == 0 else 0.0 for v in values[1:]], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def resume_or_init(model, opt, state, args):
+    """Load the resume state (--resume) or starting weights (--init); returns (model, optimizer, state)."""
     resume_path = os.path.join(args.out, f"{args.name}_resume.pt")
     if args.resume and os.path.exists(resume_path):
         model, ckpt = load_checkpoint(resume_path, args.device)
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
-        train_set.rng.bit_generator.state = ckpt["data_rng"]
-        state = {k: ckpt.get(k, 0) for k in state}
+        state = {k: ckpt.get(k, v) for k, v in state.items()}
         print(f"resumed from {resume_path} at step {state['step']} (epoch {state['epoch']})")
     elif args.resume:
         print(f"no {resume_path} yet: starting fresh")
@@ -238,80 +276,131 @@ def main(argv=None):
         model, ckpt = load_checkpoint(args.init, args.device)
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         print(f"initialised from {args.init} (step {ckpt.get('step', '?')}), fresh optimizer")
+    return model, opt, state
+
+
+def main(argv=None):
+    """Train until the epoch, step or time budget is used up, checkpointing on the way."""
+    args = parse_args(argv)
+    args.name = args.name or (f"seed_{args.arch}" if args.arch in SEED_ARCHS else args.arch)
+    args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is available")
+    rank, world = setup_distributed(args)
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 talks, logs and writes files
+    torch.manual_seed(args.seed)
+    train_set, val_set = make_data(args)
+    model = make_model(args).to(args.device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0}
+    model, opt, state = resume_or_init(model, opt, state, args)
     if isinstance(model, RDModel) and state["step"] == 0 and not args.init and args.init_transforms == "haar":
         model.init_transforms(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
         print("transforms initialised as a colour + Haar wavelet codec fitted to 64 training crops")
     # channels_last runs the convolutions ~1.3–1.5× faster on this CPU (oneDNN's preferred layout).
     model = model.to(memory_format=torch.channels_last).train()
+    net = model
+    if world > 1:
+        # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.
+        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
+                         enabled=args.amp != "off" and args.device.startswith("cuda"))
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and args.device.startswith("cuda"))
     vgg = vgg_loss_fn(args, args.device)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, f"{args.name}_log.csv")
-    if not os.path.exists(log_path):
+    if rank == 0 and not os.path.exists(log_path):
         with open(log_path, "w") as f:
             f.write("step,epoch,minutes,lr,loss,mse,psnr,bpp,samples_per_s\n")
+    print(f"training {args.name}: global batch {args.batch_size} on {world} process(es), peak LR {args.lr}")
 
     start, last_ckpt = time.time() - state["elapsed"], time.time()
     budget = args.max_minutes * 60
     done = False
+    latent_hw = (args.crop // model.cfg.stride,) * 2
     while state["epoch"] < args.epochs and not done:
         sums, n = {}, 0
-        loader = epoch_loader(train_set, state, args)
-        bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}", leave=False, dynamic_ncols=True)
+        loader = epoch_loader(train_set, state, args, rank, world)
+        bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}", leave=False, dynamic_ncols=True, disable=rank > 0)
         t_log = time.time()
-        for x in bar:
+        for x, seeds in bar:
             x = x.to(args.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             progress = max(state["step"] / args.max_steps if args.max_steps else 0,
-                           (time.time() - start) / budget if budget else 0,
-                           state["epoch"] / args.epochs)
+                           state["elapsed"] / budget if budget else 0, state["epoch"] / args.epochs)
             lr = lr_at(state["step"], progress, args)
             for group in opt.param_groups:
                 group["lr"] = lr
-            quality = sample_quality(model, len(x), args)
-            out = model(x, quality) if quality is not None else model(x, noise="seed_noise" if args.seed_noise else "noise")
-            loss, parts = compute_loss(model, x, out, quality, vgg, args)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            state["step"] += 1
+            quality, noise = sample_randomness(model, seeds, latent_hw)
+            with amp:
+                if quality is None:
+                    out = net(x, mode="seed_noise" if args.seed_noise else "noise")
+                else:
+                    out = net(x, quality, noise.to(args.device))
+                loss, parts = compute_loss(model, x, out, quality, vgg, args)
+            loss_value, state["elapsed"] = synced([loss.item(), time.time() - start], rank, world)
+            ema = state["loss_ema"] or loss_value
             state["epoch_step"] += 1
+            if not math.isfinite(loss_value) or loss_value > 50 * ema:
+                state["skipped"] += 1  # a loss spike: skip this batch rather than wreck the weights
+                continue
+            state["loss_ema"] = 0.98 * ema + 0.02 * loss_value
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            scaler.step(opt)
+            scaler.update()
+            state["step"] += 1
             n += 1
-            for k, v in {"loss": loss.item(), **parts}.items():
+            for k, v in {"loss": loss_value, **parts}.items():
                 sums[k] = sums.get(k, 0) + v
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{parts['psnr']:.2f}",
+            bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{parts['psnr']:.2f}",
                             **({"bpp": f"{parts['bpp']:.3f}"} if "bpp" in parts else {}))
-            if state["step"] % args.log_every == 0:
+            if rank == 0 and state["step"] % args.log_every == 0:
                 sps = args.log_every * args.batch_size / (time.time() - t_log)
                 t_log = time.time()
                 with open(log_path, "a") as f:
-                    f.write(f"{state['step']},{state['epoch']},{(time.time() - start) / 60:.2f},{lr:.3g},"
-                            f"{loss.item():.5f},{parts['mse']:.6f},{parts['psnr']:.3f},{parts.get('bpp', 0):.4f},{sps:.1f}\n")
-            state["elapsed"] = time.time() - start
+                    f.write(f"{state['step']},{state['epoch']},{state['elapsed'] / 60:.2f},{lr:.3g},{loss_value:.5f},"
+                            f"{parts['mse']:.6f},{parts['psnr']:.3f},{parts.get('bpp', 0):.4f},{sps:.1f}\n")
             if (args.max_steps and state["step"] >= args.max_steps) or (budget and state["elapsed"] >= budget):
                 done = True
                 break
-            if time.time() - last_ckpt > args.ckpt_minutes * 60:
-                save_all(model, opt, state, args, train_set)
+            if rank == 0 and time.time() - last_ckpt > args.ckpt_minutes * 60:
+                save_all(model, opt, state, args)
                 last_ckpt = time.time()
-        if done and n < len(loader):
+        if done and state["epoch_step"] < len(train_set) // args.batch_size:
             break  # a partial epoch is not logged as an epoch
         state["epoch"] += 1
         state["epoch_step"] = 0
-        val = validate(model, val_set, vgg, args)
-        train_loss = sums.get("loss", 0) / max(n, 1)
-        with open(os.path.join(args.out, "losses.txt"), "a") as f:
-            f.write(f"{args.name} epoch {state['epoch']} step {state['step']} train_loss {train_loss:.6f} "
-                    f"val_loss {val['loss']:.6f} val_psnr {val['psnr']:.3f}"
-                    + (f" val_bpp {val['bpp']:.4f}" if "bpp" in val else "") + "\n")
-        print(f"epoch {state['epoch']} step {state['step']}: train loss {train_loss:.5f}, val loss {val['loss']:.5f}, "
-              f"val PSNR {val['psnr']:.2f} dB" + (f", val bpp {val['bpp']:.3f}" if "bpp" in val else ""))
-        if state["epoch"] % 5 == 0:
-            save_all(model, opt, state, args, train_set)
-            last_ckpt = time.time()
-    save_all(model, opt, state, args, train_set)
-    print(f"saved {os.path.join(args.out, args.name)}.pt at step {state['step']} "
-          f"({state['elapsed'] / 60:.1f} min in all)")
+        if rank == 0:
+            end_of_epoch(model, opt, state, args, val_set, vgg, sums, n)
+            last_ckpt = time.time() if state["epoch"] % 5 == 0 else last_ckpt
+    if rank == 0:
+        save_all(model, opt, state, args)
+        print(f"saved {os.path.join(args.out, args.name)}.pt at step {state['step']} "
+              f"({state['elapsed'] / 60:.1f} min in all, {state['skipped']} spiking batches skipped)")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def end_of_epoch(model, opt, state, args, val_set, vgg, sums, n):
+    """Validate, append to losses.txt, and checkpoint every 5 epochs."""
+    val = validate(model, val_set, vgg, args)
+    train_loss = sums.get("loss", 0) / max(n, 1)
+    with open(os.path.join(args.out, "losses.txt"), "a") as f:
+        f.write(f"{args.name} epoch {state['epoch']} step {state['step']} train_loss {train_loss:.6f} "
+                f"val_loss {val['loss']:.6f} val_psnr {val['psnr']:.3f}"
+                + (f" val_bpp {val['bpp']:.4f}" if "bpp" in val else "") + "\n")
+    print(f"epoch {state['epoch']} step {state['step']}: train loss {train_loss:.5f}, val loss {val['loss']:.5f}, "
+          f"val PSNR {val['psnr']:.2f} dB" + (f", val bpp {val['bpp']:.3f}" if "bpp" in val else ""))
+    if state["epoch"] % 5 == 0:
+        save_all(model, opt, state, args)
 
 
 if __name__ == "__main__":

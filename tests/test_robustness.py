@@ -1,0 +1,139 @@
+"""Robustness: a fuzzed reader/decoder never crashes or allocates wildly, tiles match whole images,
+kills leave either the old or the complete new file, training resumes after SIGKILL."""
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import codec
+from codec import FormatError, compress, decompress
+from conftest import ROOT, TINY_RD, photo_like
+from model import build_model, load_checkpoint
+
+FUZZ_CASES = 3000
+
+
+@pytest.fixture(scope="module")
+def rd(rd_ckpt):
+    model, ckpt = load_checkpoint(rd_ckpt)
+    return model, bytes.fromhex(ckpt["model_id"])
+
+
+def refresh_crc(data):
+    """Recompute the trailing CRC so a mutation reaches the payload decoders instead of the CRC check."""
+    return data[:-4] + struct.pack(">I", zlib.crc32(data[:-4]))
+
+
+@pytest.mark.parametrize("coder", codec.CODERS)
+def test_fuzzed_files_fail_cleanly(rd, coder):
+    """Seeded mutations (flips, truncations, insertions, header-field rewrites), CRC both kept and fixed."""
+    model, mid = rd
+    files = [compress(model, mid, photo_like(h, w, i), quality=q, coder=coder)
+             for i, (h, w, q) in enumerate([(16, 16, 1), (40, 24, 8), (9, 70, 4.5)])]
+    rng = np.random.default_rng(1234)
+    outcomes = {"rejected": 0, "decoded": 0}
+    for case in range(FUZZ_CASES // len(codec.CODERS)):
+        data = bytearray(files[case % len(files)])
+        kind = rng.integers(4)
+        if kind == 0:
+            for _ in range(rng.integers(1, 4)):
+                data[rng.integers(len(data))] ^= 1 << rng.integers(8)
+        elif kind == 1:
+            data = data[: rng.integers(len(data))]
+        elif kind == 2:
+            pos = rng.integers(len(data))
+            data = data[:pos] + bytes(rng.integers(0, 256, rng.integers(1, 9), dtype=np.uint8)) + data[pos:]
+        else:  # rewrite a header field with a random value (dimensions, shape, lengths, quality)
+            off = int(rng.choice([10, 12, 15, 17, 19, 21, 23, 27]))
+            data[off : off + 2] = int(rng.integers(0, 65536)).to_bytes(2, "big")
+        data = bytes(data)
+        if rng.random() < 0.5 and len(data) > 4:
+            data = refresh_crc(data)
+        try:
+            rgb, _, _ = decompress(model, mid, data)
+            h, w = struct.unpack_from(">HH", data, 10)
+            assert rgb.shape == (h, w, 3)  # a mutation that still decodes gives an image of the declared size
+            outcomes["decoded"] += 1
+        except FormatError:
+            outcomes["rejected"] += 1
+    assert outcomes["rejected"] > FUZZ_CASES // 4
+
+
+def test_tiled_coding_equals_whole_image(rd, monkeypatch):
+    model, _ = rd
+    rgb = photo_like(300, 260)
+    whole = codec.latents_of(model, rgb, 4)
+    whole_img = codec.image_of(model, whole, 300, 260, 4)
+    monkeypatch.setattr(codec, "TILE", 128)
+    tiled = codec.latents_of(model, rgb, 4)
+    assert torch.equal(whole, tiled)
+    assert np.abs(codec.image_of(model, tiled, 300, 260, 4).astype(int) - whole_img).max() <= 1
+
+
+def test_strip_images_keep_their_size(rd):
+    model, mid = rd
+    for h, w in ((1, 700), (700, 1)):
+        assert decompress(model, mid, compress(model, mid, photo_like(h, w), quality=2))[0].shape == (h, w, 3)
+
+
+def test_sigkill_during_compress_leaves_old_or_complete_file(rd_ckpt, tmp_path):
+    src, dst = tmp_path / "big.png", tmp_path / "out.qae"
+    Image.fromarray(photo_like(900, 1200)).save(src)
+    dst.write_bytes(b"OLD")
+    cmd = [sys.executable, os.path.join(ROOT, "test.py"), "compress", str(src), str(dst), "--weights", rd_ckpt]
+    for delay in (0.5, 1.5, 3.0):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        data = dst.read_bytes()
+        assert data == b"OLD" or codec.unpack(data)  # old file, or a complete one that parses (CRC ok)
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert codec.unpack(dst.read_bytes())
+
+
+def test_training_resumes_after_sigkill(tmp_path):
+    photos = tmp_path / "p"
+    photos.mkdir()
+    for i in range(6):
+        Image.fromarray(photo_like(48, 48, i)).save(photos / f"{i}.png")
+    out = tmp_path / "run"
+    base = [sys.executable, os.path.join(ROOT, "train.py"), "--arch", "rd", "--rd-channels", "8,8", "--crop", "32",
+            "--batch-size", "2", "--threads", "1", "--train-dir", str(photos), "--out", str(out),
+            "--ckpt-minutes", "0.005", "--epochs", "100000", "--log-every", "1000"]
+    p = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume = out / "rd_resume.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (resume.exists() and load_checkpoint(str(resume))[1]["step"] >= 3):
+        time.sleep(0.5)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    step = load_checkpoint(str(resume))[1]["step"]  # loads: never a half-written checkpoint
+    assert step >= 3
+    r = subprocess.run(base[:-6] + ["--max-steps", str(step + 2), "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0 and f"at step {step}" in r.stdout, r.stderr
+    assert load_checkpoint(str(resume))[1]["step"] == step + 2
+
+
+def test_wrong_checkpoint_kind_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"something": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        load_checkpoint(str(bad))
+    m = build_model(TINY_RD)
+    state = {"kind": "rd", "config": {"kind": "rd", "N": 16, "M": 32}, "model": m.state_dict()}
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_checkpoint(str(bad))
+    bad.write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(str(bad))
