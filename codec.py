@@ -255,9 +255,12 @@ def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="
     return pack(header, payload, packed_alpha)
 
 
-def decompress(model, model_id, data):
-    """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file."""
-    header, payload, packed_alpha = unpack(data)
+def read_latents(model, model_id, data):
+    """File bytes → (header, integer latents (C, h, w), quality or None); FormatError for any bad file.
+
+    Only integer tables decide the symbols, so the latents are bit-identical on every machine.
+    """
+    header, payload, _ = unpack(data)
     if header["model_id"] != model_id:
         raise FormatError(f"file was made by model {header['model_id'].hex()}, "
                           f"but the loaded weights are {model_id.hex()}")
@@ -274,19 +277,24 @@ def decompress(model, model_id, data):
             lengths = model.prior.lengths.numpy()
             tables = [model.prior.freqs[c, : lengths[c]].numpy() for c in range(shape[0])]
             symbols = entropy_decode(payload, tables, [shape[1] * shape[2]] * shape[0], header["coder"])
-            latents = model.prior.from_symbols(torch.from_numpy(np.stack(symbols).reshape(shape)))
-        else:
-            if header["param"] != model.cfg.bits:
-                raise FormatError(f"file corrupted (B = {header['param']}, model has B = {model.cfg.bits})")
-            quality = None
-            latents = torch.from_numpy(seed_symbols(payload, shape, model.cfg.bits, header["coder"]))
+            return header, model.prior.from_symbols(torch.from_numpy(np.stack(symbols).reshape(shape))), quality
+        if header["param"] != model.cfg.bits:
+            raise FormatError(f"file corrupted (B = {header['param']}, model has B = {model.cfg.bits})")
+        return header, torch.from_numpy(seed_symbols(payload, shape, model.cfg.bits, header["coder"])), None
     except FormatError:
         raise
     except Exception as e:  # the entropy decoders' own errors on garbage input
         raise FormatError(f"payload corrupted ({type(e).__name__})") from None
+
+
+def decompress(model, model_id, data):
+    """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file."""
+    header, latents, quality = read_latents(model, model_id, data)
+    h, w = header["height"], header["width"]
     rgb = image_of(model, latents, h, w, quality)
     alpha = None
     if header["mode"] in ("RGBA", "LA"):
+        packed_alpha = unpack(data)[2]
         d = zlib.decompressobj()
         try:
             raw = d.decompress(packed_alpha, h * w + 1)  # bounded: never inflates past the image size
@@ -319,6 +327,8 @@ def read_image(path):
             im.load()
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image file Pillow can read") from None
+    except Image.DecompressionBombError as e:  # Pillow's guard stays on: refuse rather than allocate
+        raise ValueError(f"{path}: {e}") from None
     except OSError as e:
         raise ValueError(f"{path}: unreadable image ({e})") from None
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 PSNR_CAP = 100.0  # reported for identical images instead of +inf (keeps JSON valid)
 
 
@@ -85,6 +85,51 @@ def mean_scores(rows):
     return {k: float(np.nanmean([r.get(k, float("nan")) for r in rows])) for k in keys}
 
 
+def write_results(path, rows):
+    """Per-image result rows to .csv or .json ({images, mean}), written to a temp file then renamed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        if path.lower().endswith(".csv"):
+            import csv
+
+            keys = list(dict.fromkeys(k for r in rows for k in r))
+            writer = csv.DictWriter(f, keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            json.dump({"images": rows, "mean": mean_scores(rows)}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_results(path):
+    """Per-image rows of a results file written by write_results (or metrics.py --json)."""
+    with open(path, newline="") as f:
+        if path.lower().endswith(".csv"):
+            import csv
+
+            return [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return json.load(f)["images"]
+
+
+def _number(text):
+    """A CSV cell as int or float where it is one, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def merge(paths):
+    """Rows of several results files (e.g. shards), one per image (later files win), sorted by name."""
+    rows = {}
+    for path in paths:
+        for r in read_results(path):
+            rows[r["image"]] = r
+    return [rows[k] for k in sorted(rows)]
+
+
 def files_by_stem(folder, extensions=IMAGE_EXTENSIONS):
     """{stem: path} of the files in a folder with one of the extensions."""
     if not os.path.isdir(folder):
@@ -100,7 +145,19 @@ def main(argv=None):
     p.add_argument("--reconstructions", default="decompressed_folder", help="folder of decoded images (same stems)")
     p.add_argument("--compressed", default="compressed_folder", help="folder of compressed files (NAME.*) for bpp")
     p.add_argument("--json", default=None, help="write per-image scores and means to this JSON file")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                   help="instead of scoring images: merge results files (test.py --results of several shards) "
+                        "and print the combined per-image table and means")
     args = p.parse_args(argv)
+    if args.merge:
+        rows = merge(args.merge)
+        keys = [k for k in ("bpp", "psnr", "ssim", "encode_s", "decode_s") if any(k in r for r in rows)]
+        print(f"{'image':24s} " + " ".join(f"{k:>9s}" for k in keys))
+        for r in rows + [{"image": f"mean ({len(rows)} images)", **mean_scores(rows)}]:
+            print(f"{r['image']:24s} " + " ".join(f"{r.get(k, float('nan')):9.4f}" for k in keys))
+        if args.json:
+            write_results(args.json, rows)
+        return 0
     originals = files_by_stem(args.originals)
     recons = files_by_stem(args.reconstructions)
     compressed = files_by_stem(args.compressed, extensions=("",))

@@ -8,6 +8,7 @@ Folder mode prints, per image, size, bytes, bpp (from the file size), PSNR and e
 seconds (file I/O and entropy coding included), then the means.
 """
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -45,6 +46,13 @@ def parse_args(argv=None):
     p.add_argument("--images", default="images", help="folder mode: folder of images to compress")
     p.add_argument("--compressed-dir", default="compressed_folder", help="folder mode: where NAME.qae files go")
     p.add_argument("--decompressed-dir", default="decompressed_folder", help="folder mode: where NAME.png files go")
+    p.add_argument("--workers", type=int, default=1,
+                   help="folder mode: processes compressing in parallel (each with one torch thread)")
+    p.add_argument("--shard", default=None,
+                   help="folder mode: i/n takes a deterministic share of the files (by name hash), so n machines "
+                        "can split one collection with no coordination")
+    p.add_argument("--results", default=None,
+                   help="folder mode: write per-image results to this .json or .csv (merge shards with metrics.py --merge)")
     sub = p.add_subparsers(dest="command", metavar="{compress,decompress}")
     c = sub.add_parser("compress", parents=[common], help="compress one image file")
     c.add_argument("input", help="image file (PNG, JPEG, …)")
@@ -119,42 +127,97 @@ def decompress_file(model, mid, data, dst):
     return rgb
 
 
+def shard(paths, spec):
+    """This machine's deterministic share "i/n" of a file list: the files whose name hashes to i mod n."""
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {spec!r}: need 0 <= i < n")
+    # A hash of the name (not the position) keeps a file's shard fixed when others are added.
+    return [p for p in paths if int.from_bytes(hashlib.sha256(os.path.basename(p).encode()).digest()[:8], "big") % n == i]
+
+
+WORKER = {}  # per-process state of a folder run: model, identity, args, passphrase
+
+
+def init_worker(weights, args, passphrase, threads=0):
+    """Load the model once per process (one torch thread per pool worker)."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, mid, ckpt = load_model(weights, args.device)
+    WORKER.update(model=model, mid=mid, ckpt=ckpt, args=args, passphrase=passphrase)
+
+
+def process_image(path):
+    """Compress one image to the compressed folder and decompress it back: (row, notices) or (None, error)."""
+    model, mid, args, passphrase = WORKER["model"], WORKER["mid"], WORKER["args"], WORKER["passphrase"]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    qae = os.path.join(args.compressed_dir, stem + ".qae")
+    png = os.path.join(args.decompressed_dir, stem + ".png")
+    try:
+        data, t_enc, notices = compress_file(model, mid, path, qae, args, passphrase)
+        t = time.perf_counter()
+        rgb = decompress_file(model, mid, read_compressed(qae, args, passphrase), png)
+        t_dec = time.perf_counter() - t
+        original = read_image(path)[0]
+    except (ValueError, OSError) as e:
+        return {"image": stem}, str(e)
+    h, w = original.shape[:2]
+    row = {"image": stem, "width": w, "height": h, "bytes": len(data), "bpp": metrics.bpp(len(data), h, w),
+           "psnr": metrics.psnr(original, rgb), "encode_s": t_enc, "decode_s": t_dec}
+    return row, notices
+
+
+def map_images(paths, args, weights, passphrase):
+    """process_image over every path, in this process or a pool of --workers processes, in order."""
+    if args.workers <= 1:
+        init_worker(weights, args, passphrase)
+        yield from map(process_image, paths)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    with ctx.Pool(args.workers, init_worker, (weights, args, passphrase, 1)) as pool:
+        yield from pool.imap(process_image, paths)
+
+
 def run_folder(args):
-    """Compress every image of a folder and decompress it again, printing per-image figures."""
+    """Compress every image of a folder (or its --shard) and decompress it again, printing per-image figures."""
     paths = list_images(args.images) if os.path.isdir(args.images) else []
     if not paths:
         raise ValueError(f"no images in {args.images!r}")
-    model, mid, ckpt = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
-    print(f"model {args.weights or DEFAULT_WEIGHTS} ({ckpt['kind']}, id {mid.hex()}, step {ckpt.get('step', '?')})"
+    if args.shard:
+        paths = shard(paths, args.shard)
+        print(f"shard {args.shard}: {len(paths)} image(s)")
+        if not paths:
+            return 0
+    weights = args.weights or DEFAULT_WEIGHTS
+    model, mid, ckpt = load_model(weights, args.device)
+    print(f"model {weights} ({ckpt['kind']}, id {mid.hex()}, step {ckpt.get('step', '?')})"
           + (f", quality {args.quality or model.num_qualities}" if ckpt["kind"] == "rd" else ""))
     passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
     print(f"{'image':20s} {'size':>10s} {'bytes':>8s} {'bpp':>7s} {'PSNR':>7s} {'enc s':>6s} {'dec s':>6s}")
-    rows, failed = [], []
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        qae = os.path.join(args.compressed_dir, stem + ".qae")
-        png = os.path.join(args.decompressed_dir, stem + ".png")
-        try:
-            data, t_enc, notices = compress_file(model, mid, path, qae, args, passphrase)
-            t = time.perf_counter()
-            rgb = decompress_file(model, mid, read_compressed(qae, args, passphrase), png)
-            t_dec = time.perf_counter() - t
-            original = read_image(path)[0]
-        except (ValueError, OSError) as e:
-            failed.append(stem)
-            print(f"{stem:20s} skipped: {e}", file=sys.stderr)
+    rows, failed, t0 = [], [], time.perf_counter()
+    for row, info in map_images(paths, args, weights, passphrase):
+        if "bpp" not in row:
+            failed.append(row["image"])
+            print(f"{row['image']:20s} skipped: {info}", file=sys.stderr)
             continue
-        for n in notices:
+        for n in info:
             print(f"note: {n}", file=sys.stderr)
-        h, w = original.shape[:2]
-        row = {"image": stem, "bytes": len(data), "bpp": metrics.bpp(len(data), h, w),
-               "psnr": metrics.psnr(original, rgb), "encode_s": t_enc, "decode_s": t_dec}
         rows.append(row)
-        print(f"{stem:20s} {f'{w}x{h}':>10s} {len(data):8d} {row['bpp']:7.3f} {row['psnr']:7.2f} {t_enc:6.2f} {t_dec:6.2f}")
+        size = f"{row['width']}x{row['height']}"
+        print(f"{row['image']:20s} {size:>10s} {row['bytes']:8d} {row['bpp']:7.3f} "
+              f"{row['psnr']:7.2f} {row['encode_s']:6.2f} {row['decode_s']:6.2f}")
     if rows:
         m = metrics.mean_scores(rows)
         print(f"{'mean (' + str(len(rows)) + ')':20s} {'':>10s} {m['bytes']:8.0f} {m['bpp']:7.3f} {m['psnr']:7.2f} "
               f"{m['encode_s']:6.2f} {m['decode_s']:6.2f}")
+        print(f"{len(rows) / (time.perf_counter() - t0):.2f} images/s with {max(args.workers, 1)} worker(s)")
+    if args.results:
+        metrics.write_results(args.results, rows)
     if failed:
         print(f"{len(failed)} of {len(paths)} images failed: {', '.join(failed)}", file=sys.stderr)
         return 1

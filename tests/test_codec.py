@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from codec import (CODERS, HEADER_BYTES, FormatError, compress, decompress, entropy_decode, entropy_encode,
-                   estimated_bits, latents_of, pack, unpack)
-from conftest import photo_like
-from model import load_checkpoint
+                   estimated_bits, latents_of, pack, read_latents, unpack)
+from conftest import TINY_RD, photo_like
+from model import build_model, load_checkpoint
+import metrics
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +126,36 @@ def test_file_bits_match_estimated_bits(rd):
 def test_quality_out_of_range(rd):
     with pytest.raises(ValueError, match="outside"):
         compress(*rd, photo_like(8, 8), quality=9)
+
+
+def test_decoding_is_identical_with_1_and_2_threads(rd):
+    """Symbols come from integer tables only: identical whatever the thread count; pixels within ±1."""
+    model, mid = rd
+    data = compress(model, mid, photo_like(96, 128, 3), quality=6)
+    before = torch.get_num_threads()
+    try:
+        decoded = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            decoded.append((read_latents(model, mid, data)[1], decompress(model, mid, data)[0]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(decoded[0][0], decoded[1][0])
+    assert np.abs(decoded[0][1].astype(int) - decoded[1][1].astype(int)).max() <= 1
+
+
+def test_quality_knob_is_monotone():
+    """Higher quality → more bytes and higher PSNR (a tiny model started as a Haar wavelet codec)."""
+    torch.manual_seed(0)
+    model = build_model(TINY_RD)
+    crops = torch.stack([torch.from_numpy(photo_like(64, 64, i)).permute(2, 0, 1).float() / 255 for i in range(8)])
+    model.init_transforms(crops)
+    model.eval().prior.build_tables()
+    rgb = photo_like(128, 128, 9)
+    sizes, psnrs = [], []
+    for q in (1, 2.5, 4, 5.5, 7, 8):
+        data = compress(model, b"test", rgb, quality=q)
+        sizes.append(len(data))
+        psnrs.append(metrics.psnr(rgb, decompress(model, b"test", data)[0]))
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert psnrs == sorted(psnrs)

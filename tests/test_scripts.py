@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import ROOT, photo_like
 
@@ -33,6 +33,12 @@ def odd_images(tmp_path_factory):
     Image.fromarray(rgb).convert("P").save(folder / "palette.png")
     Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "deep16.png")
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("LA").save(folder / "la.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.fromarray(rgb).save(folder / "exif.jpg", exif=exif)
+    frames = [Image.fromarray(rgb), Image.fromarray(255 - rgb)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
     return folder
 
 
@@ -43,13 +49,13 @@ def test_folder_mode_and_metrics(ckpt, odd_images, tmp_path, request):
     r = run("test.py", "--weights", weights, "--images", str(odd_images), "--compressed-dir", str(comp),
             "--decompressed-dir", str(dec), "--quality", "3")
     assert r.returncode == 0, r.stderr
-    assert "mean (7)" in r.stdout
+    assert "mean (10)" in r.stdout and "only the first is compressed" in r.stderr
     for name in os.listdir(odd_images):
         stem = os.path.splitext(name)[0]
         with Image.open(odd_images / name) as a, Image.open(dec / f"{stem}.png") as b:
-            assert a.size == b.size
-            assert ("A" in b.getbands()) == (stem == "rgba")
-            assert b.mode in (("L",) if stem in ("gray", "deep16") else ("RGB", "RGBA"))
+            assert ImageOps.exif_transpose(a).size == b.size  # the displayed size: exif.jpg comes out upright
+            assert ("A" in b.getbands()) == (stem in ("rgba", "la"))
+            assert b.mode in (("L", "LA") if stem in ("gray", "deep16", "la") else ("RGB", "RGBA"))
     r = run("metrics.py", "--originals", str(odd_images), "--reconstructions", str(dec),
             "--compressed", str(comp), "--json", str(tmp_path / "m.json"))
     assert r.returncode == 0, r.stderr
@@ -89,3 +95,25 @@ def test_psnr_has_no_uint8_wraparound():
     assert metrics.psnr(a, b) == pytest.approx(0.0)  # uint8 subtraction would wrap to 1 and report 48 dB
     assert metrics.psnr(a, a) == metrics.PSNR_CAP
     assert metrics.bpp(1000, 100, 80) == pytest.approx(1.0)
+
+
+def test_workers_and_shards_cover_the_folder_once(rd_ckpt, tmp_path):
+    """Two shards (one run with a 2-process pool) split the files with no overlap; their results merge."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(photo_like(24 + 4 * i, 40, i)).save(folder / f"im{i}.png")
+    common = ["--weights", rd_ckpt, "--images", str(folder), "--compressed-dir", str(tmp_path / "c"),
+              "--decompressed-dir", str(tmp_path / "d"), "--quality", "4"]
+    done = []
+    for i, workers in ((0, "2"), (1, "1")):
+        r = run("test.py", *common, "--shard", f"{i}/2", "--workers", workers, "--results", str(tmp_path / f"s{i}.csv"))
+        assert r.returncode == 0, r.stderr
+        done.append({row["image"] for row in metrics.read_results(str(tmp_path / f"s{i}.csv"))})
+    assert not done[0] & done[1] and done[0] | done[1] == {f"im{i}" for i in range(6)}
+    r = run("metrics.py", "--merge", str(tmp_path / "s0.csv"), str(tmp_path / "s1.csv"), "--json", str(tmp_path / "all.json"))
+    assert r.returncode == 0 and "mean (6 images)" in r.stdout, r.stderr
+    merged = json.load(open(tmp_path / "all.json"))["images"]
+    assert [row["bytes"] for row in merged] == [os.path.getsize(tmp_path / "c" / f"im{i}.qae") for i in range(6)]
+    r = run("test.py", *common, "--shard", "2/2")
+    assert one_line_error(r) and "--shard" in r.stderr
