@@ -227,8 +227,10 @@ def save_all(model, opt, state, args):
     recipe = {k: v for k, v in vars(args).items() if k not in ("resume",)}
     save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), model, optimizer=opt.state_dict(),
                     torch_rng=torch.get_rng_state(), recipe=recipe, **state)
-    # Shipped weights: fp32 for the small rd model (a later session may resume from it), fp16 for ResNets.
-    save_checkpoint(os.path.join(args.out, f"{args.name}.pt"), model, half=not isinstance(model, RDModel),
+    # Shipped weights: fp32 for the small rd model (a later session may resume from it); int8 for the
+    # ResNet seed models, whose fp16 file would pass 100 MB.
+    save_checkpoint(os.path.join(args.out, f"{args.name}.pt"), model,
+                    precision="fp32" if isinstance(model, RDModel) else "int8",
                     recipe=recipe, **state)
 
 
@@ -319,13 +321,12 @@ def main(argv=None):
 
     start, last_ckpt = time.time() - state["elapsed"], time.time()
     budget = args.max_minutes * 60
-    done = False
+    done, window, t_log = False, {}, time.time()  # window: sums of the steps since the last log line
     latent_hw = (args.crop // model.cfg.stride,) * 2
     while state["epoch"] < args.epochs and not done:
         sums, n = {}, 0
         loader = epoch_loader(train_set, state, args, rank, world)
         bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}", leave=False, dynamic_ncols=True, disable=rank > 0)
-        t_log = time.time()
         for x, seeds in bar:
             x = x.to(args.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             progress = max(state["step"] / args.max_steps if args.max_steps else 0,
@@ -358,14 +359,16 @@ def main(argv=None):
             n += 1
             for k, v in {"loss": loss_value, **parts}.items():
                 sums[k] = sums.get(k, 0) + v
+                window[k] = window.get(k, 0) + v / args.log_every
             bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{parts['psnr']:.2f}",
                             **({"bpp": f"{parts['bpp']:.3f}"} if "bpp" in parts else {}))
             if rank == 0 and state["step"] % args.log_every == 0:
                 sps = args.log_every * args.batch_size / (time.time() - t_log)
                 t_log = time.time()
-                with open(log_path, "a") as f:
-                    f.write(f"{state['step']},{state['epoch']},{state['elapsed'] / 60:.2f},{lr:.3g},{loss_value:.5f},"
-                            f"{parts['mse']:.6f},{parts['psnr']:.3f},{parts.get('bpp', 0):.4f},{sps:.1f}\n")
+                with open(log_path, "a") as f:  # means over the last log_every steps
+                    f.write(f"{state['step']},{state['epoch']},{state['elapsed'] / 60:.2f},{lr:.3g},{window['loss']:.5f},"
+                            f"{window['mse']:.6f},{window['psnr']:.3f},{window.get('bpp', 0):.4f},{sps:.1f}\n")
+                window = {}
             if (args.max_steps and state["step"] >= args.max_steps) or (budget and state["elapsed"] >= budget):
                 done = True
                 break

@@ -40,5 +40,5 @@ def seed_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(TINY_SEED).eval()
     path = str(tmp_path_factory.mktemp("w") / "seed_tiny.pt")
-    save_checkpoint(path, model, half=True, step=0)
+    save_checkpoint(path, model, precision="int8", step=0)
     return path

@@ -1,0 +1,124 @@
+"""Entropy-coding figures of an rd checkpoint: rate honesty, coder speed, its share of the time, determinism.
+
+  python coding_report.py                                   # weights/rd.pt on Kodak (or images/), quality 4
+  python coding_report.py --weights W --data DIR --quality 6 --limit 8
+
+Per image it measures, with the file written and read like test.py does:
+  * file bits vs the bits the model's float prior estimates (rate honesty) and the header overhead;
+  * entropy encode / decode seconds of both coders and their symbols per second;
+  * the share of entropy coding in the whole encode (analysis + coding) and decode (coding + synthesis);
+  * decoded symbols and pixels with 1 vs 2 torch threads (symbols must be identical).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from codec import (CODERS, HEADER_BYTES, compress, entropy_decode, entropy_encode, estimated_bits, image_of,
+                   latents_of, rd_segments, read_image, read_latents)
+from dataset import list_images
+from model import load_checkpoint
+
+DEFAULT_DATA = os.path.join("..", "shared", "data", "kodak")
+
+
+def parse_args(argv=None):
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=os.path.join("weights", "rd.pt"), help="rd checkpoint")
+    p.add_argument("--data", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else "images",
+                   help="folder of images (default: ../shared/data/kodak when present, else images/)")
+    p.add_argument("--quality", type=float, default=4, help="quality to code at")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
+    return p.parse_args(argv)
+
+
+def timed(fn, *args):
+    """(result, seconds) of one call."""
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def measure(model, mid, rgb, quality):
+    """Figures of one image (dict)."""
+    y, t_analysis = timed(latents_of, model, rgb, quality)
+    segments = rd_segments(model, y)
+    n = sum(len(s) for s, _ in segments)
+    lengths = model.prior.lengths.numpy()
+    tables = [model.prior.freqs[c, : lengths[c]].numpy() for c in range(y.shape[0])]
+    row = {"symbols": n}
+    for coder in CODERS:
+        payload, t_enc = timed(entropy_encode, segments, coder)
+        symbols, t_dec = timed(entropy_decode, payload, tables, [y.shape[1] * y.shape[2]] * y.shape[0], coder)
+        assert np.array_equal(np.stack(symbols), model.prior.to_symbols(y).numpy().reshape(len(symbols), -1))
+        row[coder] = {"enc_s": t_enc, "dec_s": t_dec}
+    _, t_synthesis = timed(image_of, model, y, *rgb.shape[:2], quality)
+    data = compress(model, mid, rgb, quality=quality)
+    row.update(file_bits=8 * len(data), payload_bits=8 * (len(data) - HEADER_BYTES),
+               estimated_bits=estimated_bits(model, y), analysis_s=t_analysis, synthesis_s=t_synthesis)
+    row["threads"] = thread_difference(model, mid, data)
+    return row
+
+
+def thread_difference(model, mid, data):
+    """(symbols identical?, largest pixel difference) between decoding with 1 and 2 torch threads."""
+    before, out = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            header, latents, quality = read_latents(model, mid, data)
+            out.append((latents, image_of(model, latents, header["height"], header["width"], quality)))
+    finally:
+        torch.set_num_threads(before)
+    return torch.equal(out[0][0], out[1][0]), int(np.abs(out[0][1].astype(int) - out[1][1].astype(int)).max())
+
+
+def report(rows):
+    """Print the summary figures."""
+    ratio = [r["payload_bits"] / r["estimated_bits"] for r in rows]
+    file_ratio = [r["file_bits"] / r["estimated_bits"] for r in rows]
+    print(f"images: {len(rows)}, symbols per image: {statistics.median(r['symbols'] for r in rows):,.0f}")
+    print(f"payload bits / estimated bits: mean {np.mean(ratio):.4f} (min {min(ratio):.4f}, max {max(ratio):.4f}); "
+          f"whole file / estimated: mean {np.mean(file_ratio):.4f}; header + CRC {HEADER_BYTES} bytes")
+    for coder in CODERS:
+        enc = sum(r[coder]["enc_s"] for r in rows)
+        dec = sum(r[coder]["dec_s"] for r in rows)
+        n = sum(r["symbols"] for r in rows)
+        enc_share = np.median([r[coder]["enc_s"] / (r[coder]["enc_s"] + r["analysis_s"]) for r in rows])
+        dec_share = np.median([r[coder]["dec_s"] / (r[coder]["dec_s"] + r["synthesis_s"]) for r in rows])
+        print(f"{coder:22s} encode {n / enc / 1e6:7.3f} M symbols/s, decode {n / dec / 1e6:7.3f} M symbols/s; "
+              f"share of encode time {100 * enc_share:5.1f} %, of decode time {100 * dec_share:5.1f} % (median)")
+    same = all(r["threads"][0] for r in rows)
+    print(f"1 vs 2 torch threads: symbols identical in {sum(r['threads'][0] for r in rows)}/{len(rows)} images; "
+          f"largest pixel difference {max(r['threads'][1] for r in rows)}")
+    return 0 if same else 1
+
+
+def main(argv=None):
+    """Measure every image and print the summary."""
+    args = parse_args(argv)
+    model, ckpt = load_checkpoint(args.weights)
+    if ckpt["kind"] != "rd":
+        sys.exit(f"error: {args.weights} is a {ckpt['kind']} checkpoint; this report is about the rd model's entropy coding")
+    paths = list_images(args.data)[: args.limit or None]
+    if not paths:
+        sys.exit(f"error: no images in {args.data!r}")
+    mid = bytes.fromhex(ckpt["model_id"])
+    print(f"{args.weights} (step {ckpt.get('step', '?')}), quality {args.quality}, {torch.get_num_threads()} threads")
+    rows = []
+    for path in paths:
+        rows.append(measure(model, mid, read_image(path)[0], args.quality))
+        r = rows[-1]
+        print(f"  {os.path.basename(path):14s} {r['file_bits'] / 8:8.0f} bytes, payload/estimate "
+              f"{r['payload_bits'] / r['estimated_bits']:.4f}, constriction {r['constriction']['enc_s'] * 1e3:.1f} / "
+              f"{r['constriction']['dec_s'] * 1e3:.1f} ms, threads {r['threads']}")
+    return report(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Plot a training run over wall-clock time: loss, bpp and PSNR (train log) plus validation (losses.txt).
+
+  python plot_training.py weights/rd_log.csv --losses weights/losses.txt --out results/training_rd.png
+"""
+import argparse
+import csv
+import os
+import re
+import sys
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("log", help="the run's NAME_log.csv written by train.py")
+    p.add_argument("--losses", default=None, help="losses.txt of the run (adds validation points per epoch)")
+    p.add_argument("--out", default="training.png", help="PNG to write")
+    return p.parse_args(argv)
+
+
+def read_log(path):
+    """Rows of a train.py log CSV as dicts of floats."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def read_validation(path, name):
+    """(step, val PSNR, val bpp or None) per epoch of run `name` from losses.txt."""
+    points = []
+    with open(path) as f:
+        for line in f:
+            m = re.match(rf"{re.escape(name)} epoch \d+ step (\d+) .*val_psnr ([\d.]+)(?: val_bpp ([\d.]+))?", line)
+            if m:
+                points.append((int(m[1]), float(m[2]), float(m[3]) if m[3] else None))
+    return points
+
+
+def main(argv=None):
+    """Draw the three panels and save the PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    args = parse_args(argv)
+    rows = read_log(args.log)
+    if not rows:
+        sys.exit(f"error: {args.log} has no logged steps yet")
+    name = os.path.basename(args.log).removesuffix("_log.csv")
+    val = read_validation(args.losses, name) if args.losses else []
+    steps, minutes = [r["step"] for r in rows], [r["minutes"] for r in rows]
+    has_bpp = any(r["bpp"] for r in rows)
+    fig, axes = plt.subplots(1, 3 if has_bpp else 2, figsize=(14 if has_bpp else 10, 4))
+    panels = [("loss", "training loss (mean per log line)"), ("psnr", "PSNR (dB)")] + ([("bpp", "bpp")] if has_bpp else [])
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot([r["minutes"] for r in rows], [r[key] for r in rows], lw=0.8, label="train (noisy latents)")
+        idx = {"psnr": 1, "bpp": 2}.get(key)
+        pts = [(float(np.interp(v[0], steps, minutes)), v[idx]) for v in val if idx and v[idx] is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-", ms=3, label="validation (rounded latents)")
+        ax.set_xlabel("wall-clock minutes (2-core CPU)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    fig.suptitle(f"{name}: {int(rows[-1]['step'])} steps in {rows[-1]['minutes']:.0f} min")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
