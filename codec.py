@@ -181,7 +181,7 @@ def latents_of(model, rgb, quality=None):
     The image is replicate-padded to a multiple of the stride and, when large, encoded in tiles with
     HALO pixels of context, so peak memory stays bounded for any image size.
     """
-    s = model.cfg.stride
+    s, device = model.cfg.stride, next(model.parameters()).device
     h, w = rgb.shape[:2]
     ph, pw = -(-h // s) * s, -(-w // s) * s
     out = None
@@ -190,12 +190,12 @@ def latents_of(model, rgb, quality=None):
             x = torch.from_numpy(np.array(rgb[ya:yb, xa:xb]))  # a copy: Pillow arrays are read-only
             x = x.permute(2, 0, 1)[None].float() / 255.0
             x = F.pad(x, (0, xb - xa - x.shape[-1], 0, yb - ya - x.shape[-2]), mode="replicate")
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 if isinstance(model, RDModel):
-                    y = model.encode_latents(x, quality)[0]
+                    y = model.encode_latents(x, quality)[0].cpu()
                 else:
-                    y = quantize_bbit(model.encoder(x), model.cfg.bits, "symbols")[0]
+                    y = quantize_bbit(model.encoder(x), model.cfg.bits, "symbols")[0].cpu()
             if out is None:
                 out = torch.empty((y.shape[0], ph // s, pw // s), dtype=y.dtype)
             out[:, y0 // s : y1 // s, x0 // s : x1 // s] = y[:, (y0 - ya) // s : (y1 - ya) // s, (x0 - xa) // s : (x1 - xa) // s]
@@ -204,18 +204,18 @@ def latents_of(model, rgb, quality=None):
 
 def image_of(model, latents, height, width, quality=None):
     """Reconstruct uint8 RGB (H, W, 3) from integer latents (C, h, w), rounding and clamping; tiled when large."""
-    s = model.cfg.stride
+    s, device = model.cfg.stride, next(model.parameters()).device
     out = np.empty((height, width, 3), np.uint8)
     for y0, y1, ya, yb in _spans(latents.shape[1], TILE // s, HALO // s):
         for x0, x1, xa, xb in _spans(latents.shape[2], TILE // s, HALO // s):
-            z = latents[None, :, ya:yb, xa:xb].float().contiguous(memory_format=torch.channels_last)
+            z = latents[None, :, ya:yb, xa:xb].float().to(device).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 if isinstance(model, RDModel):
                     x = model.decode_latents(z, quality)
                 else:
                     x = model.decoder(quantize_bbit(z, model.cfg.bits, "dequantize"))
             x = x[0, :, (y0 - ya) * s : (y1 - ya) * s, (x0 - xa) * s : (x1 - xa) * s]
-            x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             hh, ww = min(y1 * s, height) - y0 * s, min(x1 * s, width) - x0 * s
             out[y0 * s : y0 * s + hh, x0 * s : x0 * s + ww] = x[:hh, :ww]
     return out
@@ -223,9 +223,8 @@ def image_of(model, latents, height, width, quality=None):
 
 def rd_segments(model, y_hat):
     """Per-channel (symbols, frequencies) segments of rd latents under the integer tables."""
-    sym = model.prior.to_symbols(y_hat).numpy()
-    freqs, lengths = model.prior.freqs.numpy(), model.prior.lengths.numpy()
-    return [(sym[c].ravel(), freqs[c, : lengths[c]]) for c in range(len(sym))]
+    sym = model.prior.to_symbols(y_hat).cpu().numpy()
+    return [(sym[c].ravel(), table) for c, table in enumerate(model.prior.tables())]
 
 
 def check_quality(model, quality):
@@ -274,9 +273,7 @@ def read_latents(model, model_id, data):
             quality = header["param"] / 100
             if not 1 <= quality <= model.num_qualities:
                 raise FormatError(f"file corrupted (quality {quality} outside 1 … {model.num_qualities})")
-            lengths = model.prior.lengths.numpy()
-            tables = [model.prior.freqs[c, : lengths[c]].numpy() for c in range(shape[0])]
-            symbols = entropy_decode(payload, tables, [shape[1] * shape[2]] * shape[0], header["coder"])
+            symbols = entropy_decode(payload, model.prior.tables(), [shape[1] * shape[2]] * shape[0], header["coder"])
             return header, model.prior.from_symbols(torch.from_numpy(np.stack(symbols).reshape(shape))), quality
         if header["param"] != model.cfg.bits:
             raise FormatError(f"file corrupted (B = {header['param']}, model has B = {model.cfg.bits})")
@@ -309,7 +306,8 @@ def decompress(model, model_id, data):
 def estimated_bits(model, y_hat):
     """Bits the rd model's (float) prior assigns to integer latents (C, h, w): the rate it trains on."""
     with torch.no_grad():
-        return float(-torch.log2(model.prior.likelihood(y_hat[None])).sum())
+        y = y_hat[None].to(next(model.parameters()).device)
+        return float(-torch.log2(model.prior.likelihood(y)).sum())
 
 
 # ----------------------------------------------------------------------------- image files

@@ -49,8 +49,7 @@ def measure(model, mid, rgb, quality):
     y, t_analysis = timed(latents_of, model, rgb, quality)
     segments = rd_segments(model, y)
     n = sum(len(s) for s, _ in segments)
-    lengths = model.prior.lengths.numpy()
-    tables = [model.prior.freqs[c, : lengths[c]].numpy() for c in range(y.shape[0])]
+    tables = model.prior.tables()
     row = {"symbols": n}
     for coder in CODERS:
         payload, t_enc = timed(entropy_encode, segments, coder)

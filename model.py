@@ -187,7 +187,8 @@ class RDModel(nn.Module):
 
     def gains(self, quality):
         """Gain and inverse gain (B, M, 1, 1) for qualities in [1, Q], interpolated geometrically."""
-        q = torch.as_tensor(quality, dtype=torch.float32).reshape(-1).clamp(1, self.num_qualities) - 1
+        q = torch.as_tensor(quality, dtype=torch.float32, device=self.log_gain.device)
+        q = q.reshape(-1).clamp(1, self.num_qualities) - 1
         lo = q.floor().long().clamp(max=self.num_qualities - 2)
         t = (q - lo).view(-1, 1)
         g = torch.lerp(self.log_gain[lo], self.log_gain[lo + 1], t).exp()
@@ -219,8 +220,10 @@ class RDModel(nn.Module):
         thus codes like a wavelet codec at step 0 and training only has to improve on that, which on a
         CPU budget converges far faster than from random weights.
         """
-        haar = torch.tensor([[[1, 1], [1, 1]], [[1, -1], [1, -1]], [[1, 1], [-1, -1]], [[1, -1], [-1, 1]]]) / 2.0
-        colour = torch.tensor([[1, 1, 1], [1, -1, 0], [1, 1, -2]]) / torch.tensor([3, 2, 6]).sqrt().view(3, 1)
+        haar = torch.tensor([[[1, 1], [1, 1]], [[1, -1], [1, -1]], [[1, 1], [-1, -1]], [[1, -1], [-1, 1]]],
+                            device=x.device) / 2.0
+        colour = torch.tensor([[1, 1, 1], [1, -1, 0], [1, 1, -2]], device=x.device)
+        colour = colour / torch.tensor([3, 2, 6], device=x.device).sqrt().view(3, 1)
         downs = [m for m in self.g_a if isinstance(m, nn.Conv2d)]
         ups = [m for m in self.g_s if isinstance(m, nn.ConvTranspose2d)][::-1]
         basis = torch.einsum("ij,bkl->bijkl", colour, haar)  # level 1: (band, colour, RGB, 2, 2)
@@ -229,7 +232,8 @@ class RDModel(nn.Module):
         h = x
         for conv, deconv in zip(downs, ups):
             k = conv.kernel_size[0] // 2
-            cand = torch.zeros(len(basis) if conv is downs[0] else 4 * len(inputs), conv.in_channels, *conv.kernel_size)
+            cand = torch.zeros(len(basis) if conv is downs[0] else 4 * len(inputs), conv.in_channels, *conv.kernel_size,
+                               device=x.device)
             if conv is downs[0]:
                 cand[:, :, k : k + 2, k : k + 2] = basis
             else:
@@ -248,11 +252,11 @@ class RDModel(nn.Module):
         for m in self.modules():
             if isinstance(m, GDN):
                 m.beta.fill_(1.0)
-                m.gamma.copy_(1e-3 * torch.eye(m.gamma.shape[0]).view_as(m.gamma))
-        log_gain = torch.log(torch.tensor(self.cfg.lambdas) / LAMBDAS[len(LAMBDAS) // 2]) * 0.5 + math.log(gain)
+                m.gamma.copy_(1e-3 * torch.eye(m.gamma.shape[0], device=x.device).view_as(m.gamma))
+        log_gain = torch.log(torch.tensor(self.cfg.lambdas, device=x.device) / LAMBDAS[len(LAMBDAS) // 2]) * 0.5 + math.log(gain)
         self.log_gain.copy_(log_gain.view(-1, 1).expand_as(self.log_gain))
         self.log_igain.copy_(-log_gain.view(-1, 1).expand_as(self.log_igain))
-        quality = 1 + torch.rand(len(x)) * (self.num_qualities - 1)
+        quality = 1 + torch.rand(len(x), device=x.device) * (self.num_qualities - 1)
         y = self.g_a(x) * self.gains(quality)[0]
         with torch.enable_grad():
             self.prior.fit(y.detach())
@@ -341,6 +345,21 @@ def save_checkpoint(path, model, precision="fp32", **extra):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def resolve_device(name):
+    """torch.device for a --device flag, or ValueError saying why it cannot be used here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device name (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA device is available")
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: there are only {count} CUDA device(s)")
+    return device
 
 
 def load_checkpoint(path, device="cpu"):

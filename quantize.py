@@ -144,7 +144,7 @@ class FactorizedPrior(nn.Module):
         """Compute the integer frequency tables of every channel (once, after training)."""
         grid = torch.arange(-MAX_HALF_RANGE - 1, MAX_HALF_RANGE + 2, dtype=torch.float64)
         # float64 copy: the tables are built once, so precision beats speed here.
-        ref = copy.deepcopy(self).double()
+        ref = copy.deepcopy(self).double().cpu()  # built on the CPU whatever the training device
         cdf = torch.sigmoid(ref._logits_cdf((grid - 0.5).expand(self.channels, 1, -1))).squeeze(1)
         tails = torch.tensor([TAIL_MASS, 1 - TAIL_MASS], dtype=torch.float64)
         freqs, offsets = [], []
@@ -164,12 +164,17 @@ class FactorizedPrior(nn.Module):
         """True once build_tables() has run (or tables were loaded)."""
         return self.freqs.numel() > 0
 
+    def tables(self):
+        """The integer frequency table of every channel, as a list of numpy arrays (on the CPU)."""
+        freqs, lengths = self.freqs.cpu().numpy(), self.lengths.cpu().numpy()
+        return [freqs[c, : lengths[c]] for c in range(self.channels)]
+
     def to_symbols(self, y):
         """Map latents (C, H, W) to table indices 0 … length-1 per channel (clamping the tails)."""
-        q = torch.round(y).to(torch.int64) - self.offsets.view(-1, 1, 1).to(torch.int64)
-        top = (self.lengths.view(-1, 1, 1) - 1).to(torch.int64)
-        return torch.minimum(q.clamp_min(0), top).to(torch.int32)
+        offsets, lengths = self.offsets.to(y.device, torch.int64), self.lengths.to(y.device, torch.int64)
+        q = torch.round(y).to(torch.int64) - offsets.view(-1, 1, 1)
+        return torch.minimum(q.clamp_min(0), (lengths - 1).view(-1, 1, 1)).to(torch.int32)
 
     def from_symbols(self, s):
         """Inverse of to_symbols: table indices (C, H, W) back to integer latent values."""
-        return (s.to(torch.int64) + self.offsets.view(-1, 1, 1).to(torch.int64)).to(torch.float32)
+        return (s.to(torch.int64) + self.offsets.to(s.device, torch.int64).view(-1, 1, 1)).to(torch.float32)

@@ -19,7 +19,7 @@ import metrics
 from codec import CODERS, FormatError, atomic_write, compress, decompress, read_image, unpack, write_image
 from encryption import ENV_VAR, decrypt, encrypt, is_encrypted, read_passphrase
 from dataset import list_images
-from model import load_checkpoint
+from model import load_checkpoint, resolve_device
 
 DEFAULT_WEIGHTS = os.path.join("weights", "rd.pt")
 
@@ -67,8 +67,7 @@ def setup_device(args):
     """Apply --threads and check --device."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
+    resolve_device(args.device)
 
 
 def load_model(path, device):

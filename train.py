@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import CropDataset, list_images, split_paths
-from model import RDConfig, RDModel, SeedConfig, build_model, load_checkpoint, save_checkpoint
+from model import RDConfig, RDModel, SeedConfig, build_model, load_checkpoint, resolve_device, save_checkpoint
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192)}
@@ -104,6 +104,8 @@ def make_data(args):
     print(f"loading {len(train_paths)} training and {len(val_paths)} validation photos into RAM …")
     train = CropDataset(train_paths, args.crop)
     val = CropDataset(val_paths, args.crop)
+    if len(train) < args.batch_size:
+        sys.exit(f"error: {len(train)} usable training photos is fewer than one batch (--batch-size {args.batch_size})")
     return train, val
 
 
@@ -288,8 +290,10 @@ def main(argv=None):
     args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA device is available")
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     rank, world = setup_distributed(args)
     if rank:
         sys.stdout = open(os.devnull, "w")  # only rank 0 talks, logs and writes files
