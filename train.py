@@ -363,15 +363,17 @@ def main(argv=None):
             n += 1
             for k, v in {"loss": loss_value, **parts}.items():
                 sums[k] = sums.get(k, 0) + v
-                window[k] = window.get(k, 0) + v / args.log_every
+                window[k] = window.get(k, 0) + v
+            window["n"] = window.get("n", 0) + 1
             bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{parts['psnr']:.2f}",
                             **({"bpp": f"{parts['bpp']:.3f}"} if "bpp" in parts else {}))
             if rank == 0 and state["step"] % args.log_every == 0:
-                sps = args.log_every * args.batch_size / (time.time() - t_log)
+                sps = window["n"] * args.batch_size / (time.time() - t_log)
                 t_log = time.time()
-                with open(log_path, "a") as f:  # means over the last log_every steps
-                    f.write(f"{state['step']},{state['epoch']},{state['elapsed'] / 60:.2f},{lr:.3g},{window['loss']:.5f},"
-                            f"{window['mse']:.6f},{window['psnr']:.3f},{window.get('bpp', 0):.4f},{sps:.1f}\n")
+                mean = {k: v / window["n"] for k, v in window.items()}  # over the steps since the last line
+                with open(log_path, "a") as f:
+                    f.write(f"{state['step']},{state['epoch']},{state['elapsed'] / 60:.2f},{lr:.3g},{mean['loss']:.5f},"
+                            f"{mean['mse']:.6f},{mean['psnr']:.3f},{mean.get('bpp', 0):.4f},{sps:.1f}\n")
                 window = {}
             if (args.max_steps and state["step"] >= args.max_steps) or (budget and state["elapsed"] >= budget):
                 done = True
