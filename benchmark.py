@@ -34,6 +34,7 @@ from dataset import list_images
 from model import load_checkpoint
 
 DEFAULT_DATA = os.path.join("..", "shared", "data", "kodak")
+MAX_PLOT_BPP = 2.0
 
 
 def _pillow(fmt, **opts):
@@ -216,6 +217,21 @@ def write_reports(curves, anchor_name, out):
     print(table)
     with open(os.path.join(out, "bd_rates.md"), "w") as f:
         f.write(table + "\n")
+    with open(os.path.join(out, "ours.md"), "w") as f:
+        f.write(points_table([c for c in curves if c["name"].startswith("ours-")]))
+
+
+def points_table(curves):
+    """Markdown table of every point of the given curves (means over the images, median times)."""
+    lines = ["| model | quality | bpp | PSNR (dB) | MS-SSIM | SSIM | encode s | decode s |", "|---|---|---|---|---|---|---|---|"]
+    for c in curves:
+        r = c["results"]
+        for i in range(len(r["bpp"])):
+            q = r["quality"][i]
+            lines.append(f"| {c['name'].removeprefix('ours-')} | {'–' if q is None else q} | {r['bpp'][i]:.3f} "
+                         f"| {r['psnr-rgb'][i]:.2f} | {r['ms-ssim-rgb'][i]:.4f} | {r['ssim-rgb'][i]:.4f} "
+                         f"| {r['encoding_time_median'][i]:.3f} | {r['decoding_time_median'][i]:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(curves, key, ylabel, path):
@@ -226,6 +242,7 @@ def plot(curves, key, ylabel, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 6))
+    shown = []  # metric values inside the plotted bpp range, to fit the y axis to them
     for c in curves:
         r = c["results"]
         if key not in r:
@@ -233,9 +250,12 @@ def plot(curves, key, ylabel, path):
         pts = sorted((b, v) for b, v in zip(r["bpp"], r[key]) if v is not None and not math.isnan(v))
         style = "--" if c["name"].endswith("(published)") else "-o"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=c["description"] or c["name"], ms=3)
+        shown += [v for b, v in pts if b <= MAX_PLOT_BPP]
     ax.set_xlabel("bits per pixel (real file size)")
     ax.set_ylabel(ylabel)
-    ax.set_xlim(0, 2.0)
+    ax.set_xlim(0, MAX_PLOT_BPP)
+    if shown:
+        ax.set_ylim(min(shown) - 0.5, max(shown) + 0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

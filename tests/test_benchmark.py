@@ -33,6 +33,7 @@ def test_benchmark_end_to_end(rd_ckpt, tmp_path):
     for png in ("rd_psnr.png", "rd_msssim.png", "visual.png"):
         assert Image.open(out / png).size[0] > 100
     assert "| JPEG 4:2:0" in (out / "bd_rates.md").read_text()
+    assert (out / "ours.md").read_text().count("| rd_tiny |") == 3
     # A re-run with the cache recomputes nothing: it is fast and gives the same numbers.
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r2.returncode == 0 and json.load(open(out / "jpeg420.json")) == json.load(open(out / "jpeg420.json"))
