@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -283,9 +284,23 @@ def resume_or_init(model, opt, state, args):
     return model, opt, state
 
 
-def main(argv=None):
-    """Train until the epoch, step or time budget is used up, checkpointing on the way."""
-    args = parse_args(argv)
+@dataclass
+class Run:
+    """What every step of one training run uses (plain container)."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: torch.autocast
+    vgg: object
+    rank: int
+    world: int
+    log_path: str
+
+
+def setup(args):
+    """Device, process group, data, model (fresh, resumed or initialised), optimizer; returns (Run, state, data)."""
     args.name = args.name or (f"seed_{args.arch}" if args.arch in SEED_ARCHS else args.arch)
     args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)
     if args.threads:
@@ -298,6 +313,7 @@ def main(argv=None):
     if rank:
         sys.stdout = open(os.devnull, "w")  # only rank 0 talks, logs and writes files
     torch.manual_seed(args.seed)
+    vgg = vgg_loss_fn(args, args.device)  # before loading photos: a missing VGG file fails fast
     train_set, val_set = make_data(args)
     model = make_model(args).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -308,100 +324,114 @@ def main(argv=None):
         print("transforms initialised as a colour + Haar wavelet codec fitted to 64 training crops")
     # channels_last runs the convolutions ~1.3–1.5× faster on this CPU (oneDNN's preferred layout).
     model = model.to(memory_format=torch.channels_last).train()
-    net = model
-    if world > 1:
-        # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.
-        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16,
-                         enabled=args.amp != "off" and args.device.startswith("cuda"))
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and args.device.startswith("cuda"))
-    vgg = vgg_loss_fn(args, args.device)
+    # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.
+    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    cuda_amp = args.amp != "off" and args.device.startswith("cuda")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=cuda_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda_amp and args.amp == "fp16")
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, f"{args.name}_log.csv")
     if rank == 0 and not os.path.exists(log_path):
         with open(log_path, "w") as f:
             f.write("step,epoch,minutes,lr,loss,mse,psnr,bpp,samples_per_s\n")
-    print(f"training {args.name}: global batch {args.batch_size} on {world} process(es), peak LR {args.lr}")
+    run = Run(model, net, opt, scaler, amp, vgg, rank, world, log_path)
+    return run, state, train_set, val_set
 
-    start, last_ckpt = time.time() - state["elapsed"], time.time()
-    budget = args.max_minutes * 60
+
+def train_step(run, x, seeds, state, args, start):
+    """One optimizer step on a batch; returns (loss, parts), or None when the batch was a loss spike."""
+    x = x.to(args.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    quality, noise = sample_randomness(run.model, seeds, (args.crop // run.model.cfg.stride,) * 2)
+    with run.amp:
+        if quality is None:
+            out = run.net(x, mode="seed_noise" if args.seed_noise else "noise")
+        else:
+            out = run.net(x, quality, noise.to(args.device))
+        loss, parts = compute_loss(run.model, x, out, quality, run.vgg, args)
+    loss_value, state["elapsed"] = synced([loss.item(), time.time() - start], run.rank, run.world)
+    ema = state["loss_ema"] or loss_value
+    state["epoch_step"] += 1
+    if not math.isfinite(loss_value) or loss_value > 50 * ema:
+        state["skipped"] += 1  # a loss spike: skip this batch rather than wreck the weights
+        return None
+    state["loss_ema"] = 0.98 * ema + 0.02 * loss_value
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if args.clip:
+        run.scaler.unscale_(run.opt)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip)
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    state["step"] += 1
+    return loss_value, parts
+
+
+def write_log_line(path, state, lr, window, seconds, batch_size):
+    """Append the means of the steps since the last line (window holds their sums and count n)."""
+    mean = {k: v / window["n"] for k, v in window.items()}
+    with open(path, "a") as f:
+        f.write(f"{state['step']},{state['epoch']},{state['elapsed'] / 60:.2f},{lr:.3g},{mean['loss']:.5f},"
+                f"{mean['mse']:.6f},{mean['psnr']:.3f},{mean.get('bpp', 0):.4f},{window['n'] * batch_size / seconds:.1f}\n")
+
+
+def main(argv=None):
+    """Train until the epoch, step or time budget is used up, checkpointing on the way."""
+    args = parse_args(argv)
+    run, state, train_set, val_set = setup(args)
+    print(f"training {args.name}: global batch {args.batch_size} on {run.world} process(es), peak LR {args.lr}")
+    start, last_ckpt, budget = time.time() - state["elapsed"], time.time(), args.max_minutes * 60
     done, window, t_log = False, {}, time.time()  # window: sums of the steps since the last log line
-    latent_hw = (args.crop // model.cfg.stride,) * 2
     while state["epoch"] < args.epochs and not done:
-        sums, n = {}, 0
-        loader = epoch_loader(train_set, state, args, rank, world)
-        bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}", leave=False, dynamic_ncols=True, disable=rank > 0)
+        sums = {}
+        loader = epoch_loader(train_set, state, args, run.rank, run.world)
+        bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}", leave=False, dynamic_ncols=True, disable=run.rank > 0)
         for x, seeds in bar:
-            x = x.to(args.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             progress = max(state["step"] / args.max_steps if args.max_steps else 0,
                            state["elapsed"] / budget if budget else 0, state["epoch"] / args.epochs)
             lr = lr_at(state["step"], progress, args)
-            for group in opt.param_groups:
+            for group in run.opt.param_groups:
                 group["lr"] = lr
-            quality, noise = sample_randomness(model, seeds, latent_hw)
-            with amp:
-                if quality is None:
-                    out = net(x, mode="seed_noise" if args.seed_noise else "noise")
-                else:
-                    out = net(x, quality, noise.to(args.device))
-                loss, parts = compute_loss(model, x, out, quality, vgg, args)
-            loss_value, state["elapsed"] = synced([loss.item(), time.time() - start], rank, world)
-            ema = state["loss_ema"] or loss_value
-            state["epoch_step"] += 1
-            if not math.isfinite(loss_value) or loss_value > 50 * ema:
-                state["skipped"] += 1  # a loss spike: skip this batch rather than wreck the weights
+            result = train_step(run, x, seeds, state, args, start)
+            if result is None:
                 continue
-            state["loss_ema"] = 0.98 * ema + 0.02 * loss_value
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            scaler.step(opt)
-            scaler.update()
-            state["step"] += 1
-            n += 1
-            for k, v in {"loss": loss_value, **parts}.items():
+            for k, v in {"loss": result[0], **result[1], "n": 1}.items():
                 sums[k] = sums.get(k, 0) + v
                 window[k] = window.get(k, 0) + v
-            window["n"] = window.get("n", 0) + 1
-            bar.set_postfix(loss=f"{loss_value:.4f}", psnr=f"{parts['psnr']:.2f}",
-                            **({"bpp": f"{parts['bpp']:.3f}"} if "bpp" in parts else {}))
-            if rank == 0 and state["step"] % args.log_every == 0:
-                sps = window["n"] * args.batch_size / (time.time() - t_log)
-                t_log = time.time()
-                mean = {k: v / window["n"] for k, v in window.items()}  # over the steps since the last line
-                with open(log_path, "a") as f:
-                    f.write(f"{state['step']},{state['epoch']},{state['elapsed'] / 60:.2f},{lr:.3g},{mean['loss']:.5f},"
-                            f"{mean['mse']:.6f},{mean['psnr']:.3f},{mean.get('bpp', 0):.4f},{sps:.1f}\n")
-                window = {}
+            bar.set_postfix({k: f"{v:.4g}" for k, v in result[1].items() if k in ("psnr", "bpp")}, loss=f"{result[0]:.4f}")
+            if run.rank == 0 and state["step"] % args.log_every == 0:
+                write_log_line(run.log_path, state, lr, window, time.time() - t_log, args.batch_size)
+                window, t_log = {}, time.time()
             if (args.max_steps and state["step"] >= args.max_steps) or (budget and state["elapsed"] >= budget):
                 done = True
                 break
-            if rank == 0 and time.time() - last_ckpt > args.ckpt_minutes * 60:
-                save_all(model, opt, state, args)
+            if run.rank == 0 and time.time() - last_ckpt > args.ckpt_minutes * 60:
+                save_all(run.model, run.opt, state, args)
                 last_ckpt = time.time()
         if done and state["epoch_step"] < len(train_set) // args.batch_size:
             break  # a partial epoch is not logged as an epoch
-        state["epoch"] += 1
-        state["epoch_step"] = 0
-        if rank == 0:
-            end_of_epoch(model, opt, state, args, val_set, vgg, sums, n)
+        state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
+        if run.rank == 0:
+            end_of_epoch(run.model, run.opt, state, args, val_set, run.vgg, sums)
             last_ckpt = time.time() if state["epoch"] % 5 == 0 else last_ckpt
-    if rank == 0:
-        save_all(model, opt, state, args)
+    finish(run, state, args)
+
+
+def finish(run, state, args):
+    """Final checkpoint (rank 0) and leaving the process group."""
+    if run.rank == 0:
+        save_all(run.model, run.opt, state, args)
         print(f"saved {os.path.join(args.out, args.name)}.pt at step {state['step']} "
               f"({state['elapsed'] / 60:.1f} min in all, {state['skipped']} spiking batches skipped)")
-    if world > 1:
+    if run.world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
 
 
-def end_of_epoch(model, opt, state, args, val_set, vgg, sums, n):
+def end_of_epoch(model, opt, state, args, val_set, vgg, sums):
     """Validate, append to losses.txt, and checkpoint every 5 epochs."""
     val = validate(model, val_set, vgg, args)
-    train_loss = sums.get("loss", 0) / max(n, 1)
+    train_loss = sums.get("loss", 0) / max(sums.get("n", 0), 1)
     with open(os.path.join(args.out, "losses.txt"), "a") as f:
         f.write(f"{args.name} epoch {state['epoch']} step {state['step']} train_loss {train_loss:.6f} "
                 f"val_loss {val['loss']:.6f} val_psnr {val['psnr']:.3f}"
