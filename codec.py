@@ -1,6 +1,6 @@
 """Entropy coding and the compressed file format: image ↔ bytes for both kinds of model.
 
-File layout (big-endian), version 1:
+File layout (big-endian), version 2:
 
   offset size field
   0      3    magic b"QAE"
@@ -10,12 +10,17 @@ File layout (big-endian), version 1:
   6      4    model identity (first 4 bytes of SHA-256 over the checkpoint's tensors)
   10     2,2  original height, width
   14     1    original mode: 0 RGB, 1 L, 2 RGBA, 3 LA
-  15     2    rate parameter: seed = B, rd = quality × 100
+  15     2    rate parameter: seed = B, rd = quality × 100 (tables of the nearest stored quality)
   17     2×3  latent shape C, h, w
   23     4    payload length (entropy-coded latents)
   27     4    alpha length (zlib-compressed alpha plane, 0 if none)
   31     …    payload, then alpha
   end-4  4    CRC-32 of everything before it
+
+The rd payload holds, in one range-coder stream, each latent channel's symbols under that quality's
+integer table (whose last symbol is an escape), then the escaped values themselves (Exp-Golomb,
+fixed tables), so no latent is ever clamped. Version 1 (one table for all qualities, clamped tails)
+is no longer read.
 
 Reading never trusts the file: every size is checked against the data and against limits before
 anything is allocated, and any inconsistency raises FormatError with a one-line reason.
@@ -34,7 +39,7 @@ from model import RDModel
 from quantize import PRECISION, pmf_to_freqs, quantize_bbit
 
 MAGIC = b"QAE"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">3sBBB4sHHBHHHHII")
 KINDS = ("seed", "rd")
 CODERS = ("constriction", "arithmetic-compressor")
@@ -113,26 +118,64 @@ def entropy_encode(segments, coder):
     raise ValueError(f"unknown entropy coder {coder!r} (choose from {', '.join(CODERS)})")
 
 
+class SymbolDecoder:
+    """Reads, segment after segment, the symbols that entropy_encode wrote into one byte string."""
+
+    def __init__(self, data, coder):
+        self.coder = coder
+        if coder == "constriction":
+            if len(data) % 4:
+                raise FormatError("payload corrupted (length is not a whole number of 32-bit words)")
+            self.dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, ">u4").astype(np.uint32))
+        elif coder == "arithmetic-compressor":
+            self.dec = ac.Decoder(np.unpackbits(np.frombuffer(data, np.uint8)).tolist(), numbits=32)
+        else:
+            raise ValueError(f"unknown entropy coder {coder!r} (choose from {', '.join(CODERS)})")
+
+    def take(self, freqs, n):
+        """The next n symbols, coded with the integer frequencies freqs, as int32."""
+        if len(freqs) < 2 or n == 0:
+            return np.zeros(n, np.int32)  # a one-symbol alphabet costs nothing and is not coded
+        if self.coder == "constriction":
+            return self.dec.decode(_constriction_model(freqs), n).astype(np.int32)
+        table = _ac_table(freqs)
+        return np.array([self.dec.decode_symbol(table) for _ in range(n)], np.int32)
+
+
 def entropy_decode(data, tables, counts, coder):
     """Inverse of entropy_encode: decode counts[i] symbols with tables[i]; list of int32 arrays."""
-    out = []
-    if coder == "constriction":
-        if len(data) % 4:
-            raise FormatError("payload corrupted (length is not a whole number of 32-bit words)")
-        dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, ">u4").astype(np.uint32))
-        for freqs, n in zip(tables, counts):
-            out.append(dec.decode(_constriction_model(freqs), n).astype(np.int32) if len(freqs) > 1
-                       else np.zeros(n, np.int32))
-        return out
-    bits = np.unpackbits(np.frombuffer(data, np.uint8)).tolist()
-    dec = ac.Decoder(bits, numbits=32)
-    for freqs, n in zip(tables, counts):
-        if len(freqs) > 1:
-            table = _ac_table(freqs)
-            out.append(np.array([dec.decode_symbol(table) for _ in range(n)], np.int32))
-        else:
-            out.append(np.zeros(n, np.int32))
-    return out
+    dec = SymbolDecoder(data, coder)
+    return [dec.take(freqs, n) for freqs, n in zip(tables, counts)]
+
+
+# Escaped latents are rare (< 1e-6 of the mass per side), so a plain Exp-Golomb code is enough:
+# the prefix length under a uniform table of 32, then the bits below the leading one.
+EG_LENGTHS = np.full(32, 1 << (PRECISION - 5), np.int64)
+EG_BITS = np.full(2, 1 << (PRECISION - 1), np.int64)
+
+
+def escape_segments(values):
+    """Exp-Golomb segments (lengths, bits) of escaped integer latent values (zigzag-mapped, signed)."""
+    v = np.asarray(values, np.int64)
+    z = np.where(v >= 0, 2 * v, -2 * v - 1) + 1
+    n = (np.frexp(z.astype(np.float64))[1] - 1).astype(np.int64)  # exact: |z| < 2**53
+    if len(n) and n.max() >= len(EG_LENGTHS):
+        raise ValueError("a latent value is too large to code (|value| ≥ 2**30)")
+    starts = np.cumsum(n) - n
+    shift = np.repeat(starts + n - 1, n) - np.arange(int(n.sum()))
+    bits = (np.repeat(z, n) >> shift) & 1
+    return [(n, EG_LENGTHS), (bits, EG_BITS)]
+
+
+def read_escapes(dec, count):
+    """Inverse of escape_segments: the next `count` escaped values from a SymbolDecoder."""
+    n = dec.take(EG_LENGTHS, count).astype(np.int64)
+    bits = dec.take(EG_BITS, int(n.sum())).astype(np.int64)
+    starts = np.cumsum(n) - n
+    shift = np.repeat(starts + n - 1, n) - np.arange(int(n.sum()))
+    owner = np.repeat(np.arange(count), n)
+    z = (np.int64(1) << n) + np.bincount(owner, weights=bits << shift, minlength=count).astype(np.int64)
+    return np.where(z % 2 == 1, (z - 1) // 2, -(z // 2))
 
 
 # ----------------------------------------------------------------------------- seed model payload
@@ -221,10 +264,25 @@ def image_of(model, latents, height, width, quality=None):
     return out
 
 
-def rd_segments(model, y_hat):
-    """Per-channel (symbols, frequencies) segments of rd latents under the integer tables."""
-    sym = model.prior.to_symbols(y_hat).cpu().numpy()
-    return [(sym[c].ravel(), table) for c, table in enumerate(model.prior.tables())]
+def rd_segments(model, y_hat, quality):
+    """Per-channel (symbols, frequencies) segments of rd latents under the quality's integer tables,
+    then the escaped values."""
+    level = model.table_level(quality)
+    sym, escaped = model.prior.to_symbols(y_hat, level)
+    sym = sym.cpu().numpy()
+    return ([(sym[c].ravel(), table) for c, table in enumerate(model.prior.tables(level))]
+            + escape_segments(escaped.cpu().numpy()))
+
+
+def rd_latents(model, payload, shape, quality, coder):
+    """Inverse of rd_segments + entropy_encode: integer latents (C, h, w) from an rd payload."""
+    level = model.table_level(quality)
+    tables = model.prior.tables(level)
+    dec = SymbolDecoder(payload, coder)
+    symbols = np.stack([dec.take(t, shape[1] * shape[2]) for t in tables]).reshape(shape)
+    count = sum(int((symbols[c] == len(t) - 1).sum()) for c, t in enumerate(tables))
+    escaped = torch.from_numpy(read_escapes(dec, count))
+    return model.prior.from_symbols(torch.from_numpy(symbols), level, escaped)
 
 
 def check_quality(model, quality):
@@ -244,7 +302,7 @@ def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="
     if isinstance(model, RDModel):
         quality = check_quality(model, quality)
         y_hat = latents_of(model, rgb, quality)
-        payload, param = entropy_encode(rd_segments(model, y_hat), coder), round(quality * 100)
+        payload, param = entropy_encode(rd_segments(model, y_hat, quality), coder), round(quality * 100)
     else:
         y_hat = latents_of(model, rgb)
         payload, param = seed_payload(y_hat.numpy(), model.cfg.bits, coder), model.cfg.bits
@@ -273,8 +331,7 @@ def read_latents(model, model_id, data):
             quality = header["param"] / 100
             if not 1 <= quality <= model.num_qualities:
                 raise FormatError(f"file corrupted (quality {quality} outside 1 … {model.num_qualities})")
-            symbols = entropy_decode(payload, model.prior.tables(), [shape[1] * shape[2]] * shape[0], header["coder"])
-            return header, model.prior.from_symbols(torch.from_numpy(np.stack(symbols).reshape(shape))), quality
+            return header, rd_latents(model, payload, shape, quality, header["coder"]), quality
         if header["param"] != model.cfg.bits:
             raise FormatError(f"file corrupted (B = {header['param']}, model has B = {model.cfg.bits})")
         return header, torch.from_numpy(seed_symbols(payload, shape, model.cfg.bits, header["coder"])), None
@@ -303,11 +360,11 @@ def decompress(model, model_id, data):
     return rgb, header["mode"], alpha
 
 
-def estimated_bits(model, y_hat):
+def estimated_bits(model, y_hat, quality):
     """Bits the rd model's (float) prior assigns to integer latents (C, h, w): the rate it trains on."""
     with torch.no_grad():
         y = y_hat[None].to(next(model.parameters()).device)
-        return float(-torch.log2(model.prior.likelihood(y)).sum())
+        return float(-torch.log2(model.likelihoods(y, quality)).sum())
 
 
 # ----------------------------------------------------------------------------- image files

@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from codec import (CODERS, HEADER_BYTES, compress, entropy_decode, entropy_encode, estimated_bits, image_of,
-                   latents_of, rd_segments, read_image, read_latents)
+from codec import (CODERS, HEADER_BYTES, compress, entropy_encode, estimated_bits, image_of, latents_of, rd_latents,
+                   rd_segments, read_image, read_latents)
 from dataset import list_images
 from model import load_checkpoint
 
@@ -47,19 +47,18 @@ def timed(fn, *args):
 def measure(model, mid, rgb, quality):
     """Figures of one image (dict)."""
     y, t_analysis = timed(latents_of, model, rgb, quality)
-    segments = rd_segments(model, y)
+    segments = rd_segments(model, y, quality)
     n = sum(len(s) for s, _ in segments)
-    tables = model.prior.tables()
     row = {"symbols": n}
     for coder in CODERS:
         payload, t_enc = timed(entropy_encode, segments, coder)
-        symbols, t_dec = timed(entropy_decode, payload, tables, [y.shape[1] * y.shape[2]] * y.shape[0], coder)
-        assert np.array_equal(np.stack(symbols), model.prior.to_symbols(y).numpy().reshape(len(symbols), -1))
+        decoded, t_dec = timed(rd_latents, model, payload, tuple(y.shape), quality, coder)
+        assert torch.equal(decoded, y)
         row[coder] = {"enc_s": t_enc, "dec_s": t_dec}
     _, t_synthesis = timed(image_of, model, y, *rgb.shape[:2], quality)
     data = compress(model, mid, rgb, quality=quality)
     row.update(file_bits=8 * len(data), payload_bits=8 * (len(data) - HEADER_BYTES),
-               estimated_bits=estimated_bits(model, y), analysis_s=t_analysis, synthesis_s=t_synthesis)
+               estimated_bits=estimated_bits(model, y, quality), analysis_s=t_analysis, synthesis_s=t_synthesis)
     row["threads"] = thread_difference(model, mid, data)
     return row
 

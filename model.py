@@ -126,6 +126,7 @@ class RDConfig:
     M: int = 192  # latent channels
     kernel: int = 5
     lambdas: tuple = LAMBDAS
+    table_step: float = 0.25  # entropy tables are stored for qualities 1, 1.25, …; others use the nearest
     kind: str = "rd"
 
     @property
@@ -206,7 +207,7 @@ class RDModel(nn.Module):
         """Training pass: noisy latents for the rate, rounded (straight-through) ones for the decoder."""
         g, ig = self.gains(quality)
         y = self.g_a(x) * g.to(x.device)
-        _, likelihoods = self.prior(y, training=True, noise=noise)
+        _, likelihoods = self.prior(y, training=True, noise=noise, scale=g.to(x.device))
         x_hat = self.g_s(ste_round(y) * ig.to(x.device))
         return {"x_hat": x_hat, "likelihoods": likelihoods}
 
@@ -256,10 +257,33 @@ class RDModel(nn.Module):
         log_gain = torch.log(torch.tensor(self.cfg.lambdas, device=x.device) / LAMBDAS[len(LAMBDAS) // 2]) * 0.5 + math.log(gain)
         self.log_gain.copy_(log_gain.view(-1, 1).expand_as(self.log_gain))
         self.log_igain.copy_(-log_gain.view(-1, 1).expand_as(self.log_igain))
+        self.fit_prior(x)
+
+    @torch.no_grad()
+    def fit_prior(self, x):
+        """Fit the entropy model alone to the latents of crops x (B, 3, H, W) at random qualities."""
         quality = 1 + torch.rand(len(x), device=x.device) * (self.num_qualities - 1)
-        y = self.g_a(x) * self.gains(quality)[0]
+        g = self.gains(quality)[0]
+        y = self.g_a(x) * g
         with torch.enable_grad():
-            self.prior.fit(y.detach())
+            return self.prior.fit(y.detach(), g.detach())
+
+    def table_qualities(self):
+        """The qualities that have stored entropy tables: 1, 1 + table_step, …, num_qualities."""
+        n = round((self.num_qualities - 1) / self.cfg.table_step) + 1
+        return torch.linspace(1, self.num_qualities, n)
+
+    def table_level(self, quality):
+        """Index of the stored table nearest to a quality (exact coding either way; off-grid costs a little rate)."""
+        return round((float(quality) - 1) / self.cfg.table_step)
+
+    def build_tables(self):
+        """Integer entropy tables of every table quality, from the prior stretched by that quality's gains."""
+        self.prior.build_tables(self.gains(self.table_qualities())[0].detach().squeeze(-1).squeeze(-1))
+
+    def likelihoods(self, y_hat, quality):
+        """Float likelihoods of integer latents (B, M, h, w) at a quality (the rate the model trains on)."""
+        return self.prior.likelihood(y_hat, self.gains(quality)[0].to(y_hat.device))
 
     def encode_latents(self, x, quality):
         """Image (1, 3, H, W) → integer-valued latents (1, M, H/16, W/16)."""
@@ -375,11 +399,16 @@ def load_checkpoint(path, device="cpu"):
     model = build_model(ckpt["config"])
     if isinstance(model, RDModel):
         # Tables are empty buffers until built; size them to what the file holds.
-        for name in ("freqs", "offsets", "lengths"):
+        names = ("freqs", "offsets", "lengths", "starts")
+        if "prior.starts" not in ckpt["model"]:  # one shared table (before per-quality tables): rebuild
+            ckpt["model"] = {k: v for k, v in ckpt["model"].items() if k.split(".")[-1] not in names[:3]}
+        for name in names:
             key = f"prior.{name}"
             if key in ckpt["model"]:
                 setattr(model.prior, name, torch.zeros_like(ckpt["model"][key]))
     state = unpack_state(ckpt["model"])
+    if isinstance(model, RDModel):
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("prior.") and k not in state})
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -1,6 +1,7 @@
 """Plot a training run over wall-clock time: loss, bpp and PSNR (train log) plus validation (losses.txt).
 
   python plot_training.py weights/rd_log.csv --losses weights/losses.txt --out results/training_rd.png
+  python plot_training.py a/rd_log.csv b/rd_log.csv --losses a/losses.txt b/losses.txt   # b continued a (--init)
 """
 import argparse
 import csv
@@ -14,8 +15,10 @@ import numpy as np
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("log", help="the run's NAME_log.csv written by train.py")
-    p.add_argument("--losses", default=None, help="losses.txt of the run (adds validation points per epoch)")
+    p.add_argument("log", nargs="+", help="the run's NAME_log.csv written by train.py; several = phases "
+                                          "of one run (each started with --init from the last), drawn end to end")
+    p.add_argument("--losses", nargs="*", default=[], help="losses.txt of each phase, in the same order "
+                                                          "(adds validation points per epoch)")
     p.add_argument("--out", default="training.png", help="PNG to write")
     return p.parse_args(argv)
 
@@ -37,6 +40,21 @@ def read_validation(path, name):
     return points
 
 
+def chain(logs, losses):
+    """Log rows and validation points of consecutive phases, steps and minutes continued end to end."""
+    rows, val, bounds = [], [], []
+    for i, path in enumerate(logs):
+        step0, min0 = (rows[-1]["step"], rows[-1]["minutes"]) if rows else (0, 0)
+        part = read_log(path)
+        if i:
+            bounds.append(min0)
+        rows += [{**r, "step": r["step"] + step0, "minutes": r["minutes"] + min0} for r in part]
+        if i < len(losses):
+            name = os.path.basename(path).removesuffix("_log.csv")
+            val += [(s + step0, p, b) for s, p, b in read_validation(losses[i], name)]
+    return rows, val, bounds
+
+
 def main(argv=None):
     """Draw the three panels and save the PNG."""
     import matplotlib
@@ -45,11 +63,10 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     args = parse_args(argv)
-    rows = read_log(args.log)
+    rows, val, bounds = chain(args.log, args.losses)
     if not rows:
-        sys.exit(f"error: {args.log} has no logged steps yet")
-    name = os.path.basename(args.log).removesuffix("_log.csv")
-    val = read_validation(args.losses, name) if args.losses else []
+        sys.exit(f"error: {', '.join(args.log)} has no logged steps yet")
+    name = os.path.basename(args.log[0]).removesuffix("_log.csv")
     steps, minutes = [r["step"] for r in rows], [r["minutes"] for r in rows]
     has_bpp = any(r["bpp"] for r in rows)
     fig, axes = plt.subplots(1, 3 if has_bpp else 2, figsize=(14 if has_bpp else 10, 4))
@@ -60,7 +77,9 @@ def main(argv=None):
         pts = [(float(np.interp(v[0], steps, minutes)), v[idx]) for v in val if idx and v[idx] is not None]
         if pts:
             ax.plot(*zip(*pts), "o-", ms=3, label="validation (rounded latents)")
-        ax.set_xlabel("wall-clock minutes (2-core CPU)")
+        for b in bounds:
+            ax.axvline(b, color="grey", ls=":", lw=1)
+        ax.set_xlabel("wall-clock minutes (2-core CPU)" + ("; dotted: next phase (--init)" if bounds else ""))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

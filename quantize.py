@@ -7,8 +7,11 @@ Two kinds of latent coding live here and nowhere else:
   gives the rate term of the rate–distortion model and, once trained, the integer frequency tables
   the entropy coder uses (`FactorizedPrior.build_tables`).
 
-Integer tables (`freqs`, `offsets`, `lengths`) are the only thing that decides a symbol's
-probability at coding time, so files decode identically on every machine.
+The density is learned for unscaled latents and stretched by a per-level scale (the rd model's
+per-quality gains), so one density gives exact bin probabilities at every rate. Integer tables
+(`freqs`, `starts`, `offsets`, `lengths`, one table per scale level and channel, each ending in an
+escape symbol) are the only thing that decides a symbol's probability at coding time, so files
+decode identically on every machine.
 
 This module imports nothing of the project's.
 """
@@ -21,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PRECISION = 16  # bits of the integer frequency tables: every table sums to 2**PRECISION
-TAIL_MASS = 1e-6  # probability left outside a channel's table on each side (values there are clamped)
+TAIL_MASS = 1e-6  # probability left outside a channel's table on each side (coded by an escape)
 MAX_HALF_RANGE = 1023  # a channel's table never spans more than 2 * MAX_HALF_RANGE + 1 symbols
 LIKELIHOOD_BOUND = 1e-9  # floor of likelihoods, keeps -log2 finite during training
 
@@ -98,6 +101,7 @@ class FactorizedPrior(nn.Module):
         self.register_buffer("freqs", torch.zeros(0, dtype=torch.int32))
         self.register_buffer("offsets", torch.zeros(0, dtype=torch.int32))
         self.register_buffer("lengths", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("starts", torch.zeros(0, dtype=torch.int32))
 
     def _logits_cdf(self, x):
         """Logit of the cumulative density at x, shaped (C, 1, n)."""
@@ -108,73 +112,114 @@ class FactorizedPrior(nn.Module):
         return x
 
     @torch.autocast("cuda", enabled=False)
-    def likelihood(self, y):
-        """P(round(y)) under the density convolved with a unit box, for y shaped (B, C, H, W)."""
+    def likelihood(self, y, scale=None):
+        """P(round(y)) for y shaped (B, C, H, W) whose density is the learned one stretched by `scale`.
+
+        The density is learned for the unscaled latents u; y = u · scale (scale broadcastable to y,
+        e.g. a per-quality gain of shape (B, C, 1, 1)). The probability of the unit bin around y is
+        then F((y + 1/2) / scale) − F((y − 1/2) / scale), exact for every scale: one density serves
+        every quality without the mismatch of a density shared by all of them.
+        """
         b, c, h, w = y.shape
         # float32 even under autocast: bf16 likelihoods would make the rate term meaningless.
-        v = y.float().permute(1, 0, 2, 3).reshape(c, 1, -1)
-        lower = self._logits_cdf(v - 0.5)
-        upper = self._logits_cdf(v + 0.5)
+        lo, hi = y.float() - 0.5, y.float() + 0.5
+        if scale is not None:
+            lo, hi = lo / scale.float(), hi / scale.float()
+        lower = self._logits_cdf(lo.permute(1, 0, 2, 3).reshape(c, 1, -1))
+        upper = self._logits_cdf(hi.permute(1, 0, 2, 3).reshape(c, 1, -1))
         # Subtract on the side where the sigmoid is not saturated, for precision.
         sign = -torch.sign(lower + upper).detach()
         p = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
         p = p.clamp_min(LIKELIHOOD_BOUND)
         return p.reshape(c, b, h, w).permute(1, 0, 2, 3)
 
-    def forward(self, y, training=True, noise=None):
+    def forward(self, y, training=True, noise=None, scale=None):
         """Return (noisy or rounded y, its likelihoods); noise in [-0.5, 0.5) may be given (else drawn)."""
         if training:
             y_noisy = y + (noise if noise is not None else torch.rand_like(y) - 0.5)
         else:
             y_noisy = torch.round(y)
-        return y_noisy, self.likelihood(y_noisy)
+        return y_noisy, self.likelihood(y_noisy, scale)
 
-    def fit(self, y, steps=200, lr=2e-2):
+    def fit(self, y, scale=None, steps=200, lr=2e-2):
         """Fit the density alone to fixed latents y (B, C, H, W) by maximum likelihood (a warm start)."""
         opt = torch.optim.Adam(self.parameters(), lr=lr)
         for _ in range(steps):
-            bits = -torch.log2(self.likelihood(y + torch.rand_like(y) - 0.5)).mean()
+            bits = -torch.log2(self.likelihood(y + torch.rand_like(y) - 0.5, scale)).mean()
             opt.zero_grad()
             bits.backward()
             opt.step()
         return bits.item()
 
+    def _channel_tables(self, cdf, grid):
+        """Integer tables of one scale level from the CDF (C, n) at grid − 1/2: (freqs list, offsets).
+
+        Symbols offset … offset + len − 2 keep all but TAIL_MASS of each side; the last symbol is the
+        escape, carrying the mass outside, so no value is ever clamped.
+        """
+        tails = torch.tensor([TAIL_MASS, 1 - TAIL_MASS], dtype=torch.float64)
+        freqs, offsets = [], []
+        for c in range(cdf.shape[0]):
+            lo, hi = (int(i) for i in torch.searchsorted(cdf[c], tails))
+            lo, hi = max(lo - 1, 0), min(hi, len(grid) - 2)  # symbols k_lo … k_hi keep the mass
+            inside = (cdf[c, lo + 1 : hi + 2] - cdf[c, lo : hi + 1]).numpy()
+            escape = float(cdf[c, lo] + 1 - cdf[c, hi + 1])
+            freqs.append(pmf_to_freqs(np.append(inside, escape)))
+            offsets.append(int(grid[lo]))
+        return freqs, offsets
+
     @torch.no_grad()
-    def build_tables(self):
-        """Compute the integer frequency tables of every channel (once, after training)."""
+    def build_tables(self, scales=None):
+        """Compute the integer frequency tables for each row of scales (L, C) (once, after training)."""
+        scales = torch.ones(1, self.channels) if scales is None else scales
         grid = torch.arange(-MAX_HALF_RANGE - 1, MAX_HALF_RANGE + 2, dtype=torch.float64)
         # float64 copy: the tables are built once, so precision beats speed here.
         ref = copy.deepcopy(self).double().cpu()  # built on the CPU whatever the training device
-        cdf = torch.sigmoid(ref._logits_cdf((grid - 0.5).expand(self.channels, 1, -1))).squeeze(1)
-        tails = torch.tensor([TAIL_MASS, 1 - TAIL_MASS], dtype=torch.float64)
-        freqs, offsets = [], []
-        for c in range(self.channels):
-            lo, hi = (int(i) for i in torch.searchsorted(cdf[c], tails))
-            lo, hi = max(lo - 1, 0), min(hi, len(grid) - 2)  # symbols k_lo … k_hi keep the mass
-            freqs.append(pmf_to_freqs((cdf[c, lo + 1 : hi + 2] - cdf[c, lo : hi + 1]).numpy()))
-            offsets.append(int(grid[lo]))
-        table = np.zeros((self.channels, max(len(f) for f in freqs)), dtype=np.int32)
-        for c, f in enumerate(freqs):
-            table[c, : len(f)] = f
-        self.freqs = torch.from_numpy(table)
+        flat, starts, offsets, lengths = [], [], [], []
+        for row in scales.detach().double().cpu():
+            x = (grid - 0.5).view(1, 1, -1) / row.view(-1, 1, 1)
+            freqs, offs = self._channel_tables(torch.sigmoid(ref._logits_cdf(x)).squeeze(1), grid)
+            total = sum(len(f) for f in flat)
+            starts.append(np.cumsum([total] + [len(f) for f in freqs[:-1]]))
+            flat += freqs
+            offsets.append(offs)
+            lengths.append([len(f) for f in freqs])
+        self.freqs = torch.from_numpy(np.concatenate(flat).astype(np.int32))
+        self.starts = torch.tensor(np.array(starts), dtype=torch.int32)
         self.offsets = torch.tensor(offsets, dtype=torch.int32)
-        self.lengths = torch.tensor([len(f) for f in freqs], dtype=torch.int32)
+        self.lengths = torch.tensor(lengths, dtype=torch.int32)
 
     def has_tables(self):
         """True once build_tables() has run (or tables were loaded)."""
         return self.freqs.numel() > 0
 
-    def tables(self):
-        """The integer frequency table of every channel, as a list of numpy arrays (on the CPU)."""
-        freqs, lengths = self.freqs.cpu().numpy(), self.lengths.cpu().numpy()
-        return [freqs[c, : lengths[c]] for c in range(self.channels)]
+    def tables(self, level=0):
+        """The integer frequency table of every channel at a scale level, as numpy arrays (on the CPU)."""
+        freqs = self.freqs.cpu().numpy()
+        starts, lengths = self.starts[level].tolist(), self.lengths[level].tolist()
+        return [freqs[s : s + n] for s, n in zip(starts, lengths)]
 
-    def to_symbols(self, y):
-        """Map latents (C, H, W) to table indices 0 … length-1 per channel (clamping the tails)."""
-        offsets, lengths = self.offsets.to(y.device, torch.int64), self.lengths.to(y.device, torch.int64)
-        q = torch.round(y).to(torch.int64) - offsets.view(-1, 1, 1)
-        return torch.minimum(q.clamp_min(0), (lengths - 1).view(-1, 1, 1)).to(torch.int32)
+    def to_symbols(self, y, level=0):
+        """Latents (C, H, W) → (table indices per channel, the escaped values in C-order as int64).
 
-    def from_symbols(self, s):
-        """Inverse of to_symbols: table indices (C, H, W) back to integer latent values."""
-        return (s.to(torch.int64) + self.offsets.to(s.device, torch.int64).view(-1, 1, 1)).to(torch.float32)
+        Values outside a channel's table get its last index, the escape, and are returned separately
+        for the coder to write out in full.
+        """
+        offsets = self.offsets[level].to(y.device, torch.int64).view(-1, 1, 1)
+        escape = (self.lengths[level].to(y.device, torch.int64) - 1).view(-1, 1, 1)
+        v = torch.round(y).to(torch.int64)
+        q = v - offsets
+        out = (q < 0) | (q >= escape)
+        return torch.where(out, escape, q).to(torch.int32), v[out]
+
+    def from_symbols(self, s, level=0, escaped=None):
+        """Inverse of to_symbols: table indices (C, H, W) and escaped values back to latent values."""
+        s = s.to(torch.int64)
+        escape = (self.lengths[level].to(s.device, torch.int64) - 1).view(-1, 1, 1)
+        v = s + self.offsets[level].to(s.device, torch.int64).view(-1, 1, 1)
+        out = s == escape
+        if int(out.sum()) != (0 if escaped is None else len(escaped)):
+            raise ValueError("number of escaped values does not match the escape symbols")
+        if escaped is not None and len(escaped):
+            v[out] = torch.as_tensor(escaped, dtype=torch.int64, device=s.device)
+        return v.to(torch.float32)

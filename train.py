@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50, help="log a line every this many steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/NAME_resume.pt (weights, optimizer, step, RNG)")
     p.add_argument("--init", default=None, help="start from the weights of this checkpoint with a fresh optimizer")
+    p.add_argument("--refit-prior", action="store_true",
+                   help="rd model with --init: refit the entropy model to 64 training crops before training "
+                        "(for checkpoints whose prior was trained differently, e.g. one density for all qualities)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)")
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision on CUDA")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -215,7 +218,7 @@ def validate(model, val, vgg, args):
         else:
             g, ig = model.gains(quality)
             y_hat = torch.round(model.g_a(x) * g)
-            out = {"x_hat": model.g_s(y_hat * ig), "likelihoods": model.prior.likelihood(y_hat)}
+            out = {"x_hat": model.g_s(y_hat * ig), "likelihoods": model.likelihoods(y_hat, quality)}
         loss, parts = compute_loss(model, x, out, quality, vgg, args)
         for k, v in {"loss": loss.item(), **parts}.items():
             totals[k] = totals.get(k, 0) + v / len(qualities)
@@ -226,7 +229,7 @@ def validate(model, val, vgg, args):
 def save_all(model, opt, state, args):
     """Atomically write the resume state (weights + optimizer + RNG) and the shippable checkpoint."""
     if isinstance(model, RDModel):
-        model.prior.build_tables()
+        model.build_tables()
     recipe = {k: v for k, v in vars(args).items() if k not in ("resume",)}
     save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), model, optimizer=opt.state_dict(),
                     torch_rng=torch.get_rng_state(), recipe=recipe, **state)
@@ -322,6 +325,9 @@ def setup(args):
     if isinstance(model, RDModel) and state["step"] == 0 and not args.init and args.init_transforms == "haar":
         model.init_transforms(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
         print("transforms initialised as a colour + Haar wavelet codec fitted to 64 training crops")
+    elif isinstance(model, RDModel) and state["step"] == 0 and args.init and args.refit_prior:
+        bits = model.fit_prior(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
+        print(f"entropy model refitted to 64 training crops ({bits:.3f} bits per latent)")
     # channels_last runs the convolutions ~1.3–1.5× faster on this CPU (oneDNN's preferred layout).
     model = model.to(memory_format=torch.channels_last).train()
     # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.

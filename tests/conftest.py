@@ -28,7 +28,7 @@ def rd_ckpt(tmp_path_factory):
     """Path of a tiny untrained rd checkpoint with its integer tables built."""
     torch.manual_seed(0)
     model = build_model(TINY_RD).eval()
-    model.prior.build_tables()
+    model.build_tables()
     path = str(tmp_path_factory.mktemp("w") / "rd_tiny.pt")
     save_checkpoint(path, model, step=0)
     return path

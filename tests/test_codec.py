@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from codec import (CODERS, HEADER_BYTES, FormatError, compress, decompress, entropy_decode, entropy_encode,
-                   estimated_bits, latents_of, pack, read_latents, unpack)
+from codec import (CODERS, HEADER_BYTES, FormatError, SymbolDecoder, compress, decompress, entropy_decode,
+                   entropy_encode, escape_segments, estimated_bits, latents_of, pack, rd_latents, rd_segments,
+                   read_escapes, read_latents, unpack)
 from conftest import TINY_RD, photo_like
 from model import build_model, load_checkpoint
 import metrics
@@ -120,7 +121,7 @@ def test_file_bits_match_estimated_bits(rd):
     y = latents_of(model, rgb, 4)
     data = compress(model, mid, rgb, quality=4)
     payload_bits = 8 * (len(data) - HEADER_BYTES)
-    assert abs(payload_bits / estimated_bits(model, y) - 1) < 0.01
+    assert abs(payload_bits / estimated_bits(model, y, 4) - 1) < 0.01
 
 
 def test_quality_out_of_range(rd):
@@ -150,7 +151,7 @@ def test_quality_knob_is_monotone():
     model = build_model(TINY_RD)
     crops = torch.stack([torch.from_numpy(photo_like(64, 64, i)).permute(2, 0, 1).float() / 255 for i in range(8)])
     model.init_transforms(crops)
-    model.eval().prior.build_tables()
+    model.eval().build_tables()
     rgb = photo_like(128, 128, 9)
     sizes, psnrs = [], []
     for q in (1, 2.5, 4, 5.5, 7, 8):
@@ -159,3 +160,41 @@ def test_quality_knob_is_monotone():
         psnrs.append(metrics.psnr(rgb, decompress(model, b"test", data)[0]))
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
     assert psnrs == sorted(psnrs)
+
+
+@pytest.mark.parametrize("coder", CODERS)
+def test_escaped_values_round_trip(coder):
+    """Exp-Golomb escapes: any signed value, none, or many, decode exactly after other segments."""
+    rng = np.random.default_rng(5)
+    for values in (np.array([], np.int64), np.array([0, -1, 1, 2**29, -(2**29)]), rng.integers(-5000, 5000, 300)):
+        head = (rng.integers(0, 3, 50), np.array([30000, 30000, 5536]))
+        data = entropy_encode([head] + escape_segments(values), coder)
+        dec = SymbolDecoder(data, coder)
+        assert np.array_equal(dec.take(head[1], 50), head[0])
+        assert np.array_equal(read_escapes(dec, len(values)), values)
+
+
+@pytest.mark.parametrize("quality", [1, 3.3, 8])
+def test_latents_outside_the_tables_are_not_clamped(rd, quality):
+    """Values far beyond a table's range travel as escapes and come back exactly (no clamping)."""
+    model, _ = rd
+    y = latents_of(model, photo_like(64, 96, 4), quality)
+    y[0, 0, 0], y[1, 1, 2], y[-1, -1, -1] = 3000, -4000, 1e6
+    for coder in CODERS:
+        payload = entropy_encode(rd_segments(model, y, quality), coder)
+        assert torch.equal(rd_latents(model, payload, tuple(y.shape), quality, coder), y)
+
+
+def test_single_table_checkpoint_loads_without_tables(rd_ckpt, tmp_path):
+    """A checkpoint of the old layout (one table for all qualities) loads; its tables must be rebuilt."""
+    ckpt = torch.load(rd_ckpt, weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("prior.") or k.count(".") > 1}
+    ckpt["model"].update({"prior.freqs": torch.ones(24, 5, dtype=torch.int32),
+                          "prior.offsets": torch.zeros(24, dtype=torch.int32),
+                          "prior.lengths": torch.full((24,), 5, dtype=torch.int32)})
+    path = str(tmp_path / "old.pt")
+    torch.save(ckpt, path)
+    model, _ = load_checkpoint(path)
+    assert not model.prior.has_tables()
+    model.build_tables()
+    assert model.prior.has_tables() and model.prior.starts.shape == (29, 24)

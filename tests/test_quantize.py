@@ -50,10 +50,10 @@ def test_tables_identical_across_two_fresh_builds():
     for _ in range(2):
         torch.manual_seed(3)
         m = build_model(TINY_RD)
-        m.prior.build_tables()
-        tables.append((m.prior.freqs.clone(), m.prior.offsets.clone(), m.prior.lengths.clone()))
+        m.build_tables()
+        tables.append((m.prior.freqs.clone(), m.prior.offsets.clone(), m.prior.lengths.clone(), m.prior.starts.clone()))
     for a, b in zip(*tables):
         assert a.dtype == torch.int32 and torch.equal(a, b)
-    freqs, _, lengths = tables[0]
-    for c in range(len(lengths)):
-        assert int(freqs[c, : lengths[c]].sum()) == 1 << PRECISION
+    assert len(m.table_qualities()) == tables[0][2].shape[0] == 29  # qualities 1, 1.25, …, 8
+    for level in range(len(m.table_qualities())):
+        assert all(int(t.sum()) == 1 << PRECISION and t.min() >= 1 for t in m.prior.tables(level))

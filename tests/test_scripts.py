@@ -117,3 +117,21 @@ def test_workers_and_shards_cover_the_folder_once(rd_ckpt, tmp_path):
     assert [row["bytes"] for row in merged] == [os.path.getsize(tmp_path / "c" / f"im{i}.qae") for i in range(6)]
     r = run("test.py", *common, "--shard", "2/2")
     assert one_line_error(r) and "--shard" in r.stderr
+
+
+def test_plot_training_chains_phases(tmp_path):
+    """Two phases of a run (the second started with --init) are drawn end to end, steps continued."""
+    import plot_training
+
+    head = "step,epoch,minutes,lr,loss,mse,psnr,bpp,samples_per_s\n"
+    for i, (a, b) in enumerate([(10, 20), (5, 15)]):
+        (tmp_path / f"p{i}").mkdir()
+        (tmp_path / f"p{i}" / "rd_log.csv").write_text(head + f"{a},0,1.0,1e-3,2.0,0.001,30,1.0,20\n"
+                                                             f"{b},0,2.0,1e-3,1.9,0.001,31,0.9,20\n")
+        (tmp_path / f"p{i}" / "losses.txt").write_text(f"rd epoch 1 step {b} train_loss 2 val_loss 2 val_psnr 30.5 val_bpp 0.9\n")
+    logs = [str(tmp_path / f"p{i}" / "rd_log.csv") for i in range(2)]
+    rows, val, bounds = plot_training.chain(logs, [str(tmp_path / f"p{i}" / "losses.txt") for i in range(2)])
+    assert [r["step"] for r in rows] == [10, 20, 25, 35] and [r["minutes"] for r in rows] == [1, 2, 3, 4]
+    assert [v[0] for v in val] == [20, 35] and bounds == [2.0]
+    r = run("plot_training.py", *logs, "--out", str(tmp_path / "t.png"))
+    assert r.returncode == 0 and (tmp_path / "t.png").stat().st_size > 1000
