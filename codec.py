@@ -280,8 +280,8 @@ def rd_latents(model, payload, shape, quality, coder):
     tables = model.prior.tables(level)
     dec = SymbolDecoder(payload, coder)
     symbols = np.stack([dec.take(t, shape[1] * shape[2]) for t in tables]).reshape(shape)
-    count = sum(int((symbols[c] == len(t) - 1).sum()) for c, t in enumerate(tables))
-    escaped = torch.from_numpy(read_escapes(dec, count))
+    escape = np.array([len(t) - 1 for t in tables]).reshape(-1, 1, 1)
+    escaped = torch.from_numpy(read_escapes(dec, int((symbols == escape).sum())))
     return model.prior.from_symbols(torch.from_numpy(symbols), level, escaped)
 
 
