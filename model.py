@@ -162,6 +162,28 @@ def up(cin, cout, k):
     return nn.ConvTranspose2d(cin, cout, k, stride=2, padding=k // 2, output_padding=1)
 
 
+def subpixel_conv(deconv):
+    """The same map as a stride-2 transposed convolution (odd kernel, padding k // 2, output padding 1)
+    written as a plain convolution to 4× the channels followed by a 2× pixel shuffle.
+
+    Equal up to float rounding; oneDNN runs it ~25 % faster when the output has few channels (the
+    synthesis's last layer, 80 → 3, measured on this CPU), and slower for wide outputs, so only the
+    last layer uses it, rebuilt on every call so it never goes stale.
+    """
+    w, k, p = deconv.weight.detach(), deconv.kernel_size[0], deconv.padding[0]
+    # Output row 2j + r takes input row j + e through kernel tap r + p − 2e.
+    taps = [(r, e, r + p - 2 * e) for r in (0, 1) for e in range(-k, k + 1) if 0 <= r + p - 2 * e < k]
+    reach = max(abs(e) for _, e, _ in taps)
+    kernel = w.new_zeros(w.shape[1], 2, 2, w.shape[0], 2 * reach + 1, 2 * reach + 1)
+    for r, e, i in taps:
+        for s, f, j in taps:
+            kernel[:, r, s, :, e + reach, f + reach] = w[:, :, i, j].T
+    conv = nn.Conv2d(w.shape[0], 4 * w.shape[1], 2 * reach + 1, padding=reach).to(w.device)
+    conv.weight.data = kernel.reshape(conv.weight.shape)
+    conv.bias.data = deconv.bias.detach().repeat_interleave(4)
+    return nn.Sequential(conv, nn.PixelShuffle(2))
+
+
 class RDModel(nn.Module):
     """Ballé-style factorized-prior codec with one learned gain vector per quality (any rate)."""
 
@@ -293,7 +315,8 @@ class RDModel(nn.Module):
     def decode_latents(self, y_hat, quality):
         """Integer-valued latents → reconstructed image (unclamped)."""
         _, ig = self.gains(quality)
-        return self.g_s(y_hat * ig)
+        h = self.g_s[:-1](y_hat * ig)
+        return subpixel_conv(self.g_s[-1]).to(memory_format=torch.channels_last)(h)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import TINY_RD
-from model import build_model
+from model import build_model, subpixel_conv
 from quantize import PRECISION, pmf_to_freqs, quantize_bbit
 
 
@@ -57,3 +57,12 @@ def test_tables_identical_across_two_fresh_builds():
     assert len(m.table_qualities()) == tables[0][2].shape[0] == 29  # qualities 1, 1.25, …, 8
     for level in range(len(m.table_qualities())):
         assert all(int(t.sum()) == 1 << PRECISION and t.min() >= 1 for t in m.prior.tables(level))
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_subpixel_conv_equals_the_transposed_convolution(k):
+    """The decoder's fast last layer computes the same map as the trained transposed convolution."""
+    torch.manual_seed(k)
+    deconv = torch.nn.ConvTranspose2d(6, 3, k, stride=2, padding=k // 2, output_padding=1)
+    x = torch.randn(2, 6, 9, 7)
+    assert torch.allclose(subpixel_conv(deconv)(x), deconv(x), atol=1e-5)
