@@ -154,6 +154,12 @@ EG_LENGTHS = np.full(32, 1 << (PRECISION - 5), np.int64)
 EG_BITS = np.full(2, 1 << (PRECISION - 1), np.int64)
 
 
+def _bit_shifts(n):
+    """For Exp-Golomb codes of n[i] payload bits each, written back to back: each bit's shift, MSB first."""
+    starts = np.cumsum(n) - n
+    return np.repeat(starts + n - 1, n) - np.arange(int(n.sum()))
+
+
 def escape_segments(values):
     """Exp-Golomb segments (lengths, bits) of escaped integer latent values (zigzag-mapped, signed)."""
     v = np.asarray(values, np.int64)
@@ -161,9 +167,7 @@ def escape_segments(values):
     n = (np.frexp(z.astype(np.float64))[1] - 1).astype(np.int64)  # exact: |z| < 2**53
     if len(n) and n.max() >= len(EG_LENGTHS):
         raise ValueError("a latent value is too large to code (|value| ≥ 2**30)")
-    starts = np.cumsum(n) - n
-    shift = np.repeat(starts + n - 1, n) - np.arange(int(n.sum()))
-    bits = (np.repeat(z, n) >> shift) & 1
+    bits = (np.repeat(z, n) >> _bit_shifts(n)) & 1
     return [(n, EG_LENGTHS), (bits, EG_BITS)]
 
 
@@ -171,10 +175,8 @@ def read_escapes(dec, count):
     """Inverse of escape_segments: the next `count` escaped values from a SymbolDecoder."""
     n = dec.take(EG_LENGTHS, count).astype(np.int64)
     bits = dec.take(EG_BITS, int(n.sum())).astype(np.int64)
-    starts = np.cumsum(n) - n
-    shift = np.repeat(starts + n - 1, n) - np.arange(int(n.sum()))
     owner = np.repeat(np.arange(count), n)
-    z = (np.int64(1) << n) + np.bincount(owner, weights=bits << shift, minlength=count).astype(np.int64)
+    z = (np.int64(1) << n) + np.bincount(owner, weights=bits << _bit_shifts(n), minlength=count).astype(np.int64)
     return np.where(z % 2 == 1, (z - 1) // 2, -(z // 2))
 
 
