@@ -88,7 +88,7 @@ def parse_args(argv=None):
                    help=f"comma-separated subset of: ours, {', '.join(CLASSIC)}")
     p.add_argument("--weights", nargs="*", default=None,
                    help="our checkpoints (default: every weights/*.pt)")
-    p.add_argument("--qualities", default="1,2,3,4,5,6,7,8", help="qualities of our rd checkpoints")
+    p.add_argument("--qualities", default="1,2,3,4,5,6,7,8", help="qualities of our rd / hyper checkpoints")
     p.add_argument("--extra", nargs="*", default=[], help="published results JSON files (CompressAI format) to plot and rate")
     p.add_argument("--anchor", default="jpeg420", help="codec name (or extra JSON name) the BD-rates are measured against")
     p.add_argument("--visual-image", default=None, help="stem of the image for visual.png (default: kodim23 or the first)")
@@ -130,7 +130,7 @@ def our_points(path, images, qualities, tmp):
     """Per-quality rows of one of our checkpoints, timed with file I/O like test.py."""
     model, ckpt = load_checkpoint(path)
     mid = bytes.fromhex(ckpt["model_id"])
-    qualities = qualities if ckpt["kind"] == "rd" else [None]
+    qualities = qualities if ckpt["kind"] in ("rd", "hyper") else [None]
     qae, png = os.path.join(tmp, "x.qae"), os.path.join(tmp, "x.png")
 
     def encode(rgb, q):

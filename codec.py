@@ -4,8 +4,8 @@ File layout (big-endian), version 2:
 
   offset size field
   0      3    magic b"QAE"
-  3      1    format version (1)
-  4      1    model kind: 0 = seed (B-bit, per-image table), 1 = rd (learned prior)
+  3      1    format version (2)
+  4      1    model kind: 0 = seed (B-bit, per-image table), 1 = rd (factorized prior), 2 = hyper
   5      1    entropy coder: 0 = constriction range coder, 1 = arithmetic-compressor
   6      4    model identity (first 4 bytes of SHA-256 over the checkpoint's tensors)
   10     2,2  original height, width
@@ -19,7 +19,9 @@ File layout (big-endian), version 2:
 
 The rd payload holds, in one range-coder stream, each latent channel's symbols under that quality's
 integer table (whose last symbol is an escape), then the escaped values themselves (Exp-Golomb,
-fixed tables), so no latent is ever clamped. Version 1 (one table for all qualities, clamped tails)
+fixed tables), so no latent is ever clamped. The hyper payload holds the side latents z the same way
+(one quality-independent table per channel), then the latents grouped by their integer scale index
+(computed from z by the integer hyper-synthesis), each group under its Gaussian table, then escapes. Version 1 (one table for all qualities, clamped tails)
 is no longer read.
 
 Reading never trusts the file: every size is checked against the data and against limits before
@@ -35,13 +37,13 @@ import torch.nn.functional as F
 from arithmetic_compressor import arithmetic_coding as ac
 from arithmetic_compressor.util import Range
 
-from model import RDModel
+from model import HyperModel, RDModel
 from quantize import PRECISION, pmf_to_freqs, quantize_bbit
 
 MAGIC = b"QAE"
 VERSION = 2
 HEADER = struct.Struct(">3sBBB4sHHBHHHHII")
-KINDS = ("seed", "rd")
+KINDS = ("seed", "rd", "hyper")
 CODERS = ("constriction", "arithmetic-compressor")
 MODES = ("RGB", "L", "RGBA", "LA")
 MAX_PIXELS = 1 << 28  # 268 M pixels: larger declared sizes are rejected before allocating
@@ -220,8 +222,8 @@ def _spans(n, tile, halo):
     return [(a, min(a + tile, n), max(0, a - halo), min(n, a + tile + halo)) for a in range(0, n, tile)]
 
 
-def latents_of(model, rgb, quality=None):
-    """Integer latents of an image: seed = symbols 0 … 2**B, rd = rounded latents; (C, h, w) tensor.
+def analysis_of(model, rgb):
+    """Encoder output of an image: seed = symbols 0 … 2**B, rd = unscaled float latents u; (C, h, w).
 
     The image is replicate-padded to a multiple of the stride and, when large, encoded in tiles with
     HALO pixels of context, so peak memory stays bounded for any image size.
@@ -238,7 +240,7 @@ def latents_of(model, rgb, quality=None):
             x = x.to(device).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 if isinstance(model, RDModel):
-                    y = model.encode_latents(x, quality)[0].cpu()
+                    y = model.g_a(x)[0].cpu()
                 else:
                     y = quantize_bbit(model.encoder(x), model.cfg.bits, "symbols")[0].cpu()
             if out is None:
@@ -247,13 +249,29 @@ def latents_of(model, rgb, quality=None):
     return out
 
 
+def latents_of(model, rgb, quality=None):
+    """Integer latents of an image as a dict: "y" (C, h, w) and, for the hyper model, side latents "z".
+
+    The hyper model's h_a runs on the whole latent image (1/16 of the pixels), not in tiles.
+    """
+    u = analysis_of(model, rgb)
+    if not isinstance(model, RDModel):
+        return {"y": u}
+    with torch.no_grad():  # not inference_mode: callers may edit the returned tensors
+        u = u[None].to(next(model.parameters()).device)
+        latents = {"y": model.quantize_latents(u, quality)[0].cpu()}
+        if isinstance(model, HyperModel):
+            latents["z"] = model.side_latents(u)[0].cpu()
+    return latents
+
+
 def image_of(model, latents, height, width, quality=None):
-    """Reconstruct uint8 RGB (H, W, 3) from integer latents (C, h, w), rounding and clamping; tiled when large."""
-    s, device = model.cfg.stride, next(model.parameters()).device
+    """Reconstruct uint8 RGB (H, W, 3) from a latents dict, rounding and clamping; tiled when large."""
+    s, device, y = model.cfg.stride, next(model.parameters()).device, latents["y"]
     out = np.empty((height, width, 3), np.uint8)
-    for y0, y1, ya, yb in _spans(latents.shape[1], TILE // s, HALO // s):
-        for x0, x1, xa, xb in _spans(latents.shape[2], TILE // s, HALO // s):
-            z = latents[None, :, ya:yb, xa:xb].float().to(device).contiguous(memory_format=torch.channels_last)
+    for y0, y1, ya, yb in _spans(y.shape[1], TILE // s, HALO // s):
+        for x0, x1, xa, xb in _spans(y.shape[2], TILE // s, HALO // s):
+            z = y[None, :, ya:yb, xa:xb].float().to(device).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 if isinstance(model, RDModel):
                     x = model.decode_latents(z, quality)
@@ -266,25 +284,59 @@ def image_of(model, latents, height, width, quality=None):
     return out
 
 
-def rd_segments(model, y_hat, quality):
-    """Per-channel (symbols, frequencies) segments of rd latents under the quality's integer tables,
-    then the escaped values."""
-    level = model.table_level(quality)
-    sym, escaped = model.prior.to_symbols(y_hat, level)
+def factorized_segments(prior, v, level):
+    """Per-channel (symbols, frequencies) segments of integer values v (C, h, w) under a factorized
+    prior's tables at a level, then the escaped values."""
+    sym, escaped = prior.to_symbols(v, level)
     sym = sym.cpu().numpy()
-    return ([(sym[c].ravel(), table) for c, table in enumerate(model.prior.tables(level))]
-            + escape_segments(escaped.cpu().numpy()))
+    return [(sym[c].ravel(), table) for c, table in enumerate(prior.tables(level))] + escape_segments(escaped.cpu().numpy())
 
 
-def rd_latents(model, payload, shape, quality, coder):
-    """Inverse of rd_segments + entropy_encode: integer latents (C, h, w) from an rd payload."""
-    level = model.table_level(quality)
-    tables = model.prior.tables(level)
-    dec = SymbolDecoder(payload, coder)
+def read_factorized(dec, prior, shape, level):
+    """Inverse of factorized_segments, reading from a SymbolDecoder: values (C, h, w)."""
+    tables = prior.tables(level)
     symbols = np.stack([dec.take(t, shape[1] * shape[2]) for t in tables]).reshape(shape)
     escape = np.array([len(t) - 1 for t in tables]).reshape(-1, 1, 1)
     escaped = torch.from_numpy(read_escapes(dec, int((symbols == escape).sum())))
-    return model.prior.from_symbols(torch.from_numpy(symbols), level, escaped)
+    return prior.from_symbols(torch.from_numpy(symbols), level, escaped)
+
+
+def _scale_groups(model, z_hat, quality, size):
+    """Scale indices of latents (M, *size) as int64, the latents' order grouped by index, counts per index."""
+    index = model.scale_index(z_hat[None], quality, size)[0]
+    order = np.argsort(index.numpy().ravel(), kind="stable")
+    return index, order, np.bincount(index.numpy().ravel(), minlength=len(model.gaussian.lengths))
+
+
+def latent_segments(model, latents, quality):
+    """All (symbols, frequencies) segments of an rd or hyper model's latents dict at a quality."""
+    if not isinstance(model, HyperModel):
+        return factorized_segments(model.prior, latents["y"], model.table_level(quality))
+    y, z = latents["y"], latents["z"]
+    index, order, counts = _scale_groups(model, z, quality, y.shape[1:])
+    sym, escaped = model.gaussian.to_symbols(y, index)
+    groups = np.split(sym.numpy().ravel()[order], np.cumsum(counts)[:-1])
+    return (factorized_segments(model.prior, z, 0) + list(zip(groups, model.gaussian.tables()))
+            + escape_segments(escaped.numpy()))
+
+
+def side_shape(model, shape):
+    """Shape of the hyper model's side latents z for latents of shape (M, h, w)."""
+    return (model.cfg.H, -(-shape[1] // 4), -(-shape[2] // 4))
+
+
+def payload_latents(model, payload, shape, quality, coder):
+    """Inverse of latent_segments + entropy_encode: the latents dict from an rd or hyper payload."""
+    dec = SymbolDecoder(payload, coder)
+    if not isinstance(model, HyperModel):
+        return {"y": read_factorized(dec, model.prior, shape, model.table_level(quality))}
+    z = read_factorized(dec, model.prior, side_shape(model, shape), 0)
+    index, order, counts = _scale_groups(model, z, quality, shape[1:])
+    flat = np.empty(order.size, np.int32)
+    flat[order] = np.concatenate([dec.take(t, int(n)) for t, n in zip(model.gaussian.tables(), counts)])
+    sym = torch.from_numpy(flat.reshape(shape))
+    n_escaped = int((sym.to(torch.int64) == model.gaussian.lengths.to(torch.int64)[index] - 1).sum())
+    return {"y": model.gaussian.from_symbols(sym, index, read_escapes(dec, n_escaped)), "z": z}
 
 
 def check_quality(model, quality):
@@ -303,19 +355,19 @@ def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="
         raise ValueError(f"image of {w}×{h} pixels: each side must be 1 … 65535")
     if isinstance(model, RDModel):
         quality = check_quality(model, quality)
-        y_hat = latents_of(model, rgb, quality)
-        payload, param = entropy_encode(rd_segments(model, y_hat, quality), coder), round(quality * 100)
+        latents = latents_of(model, rgb, quality)
+        payload, param = entropy_encode(latent_segments(model, latents, quality), coder), round(quality * 100)
     else:
-        y_hat = latents_of(model, rgb)
-        payload, param = seed_payload(y_hat.numpy(), model.cfg.bits, coder), model.cfg.bits
+        latents = latents_of(model, rgb)
+        payload, param = seed_payload(latents["y"].numpy(), model.cfg.bits, coder), model.cfg.bits
     header = {"kind": model.cfg.kind, "coder": coder, "model_id": model_id, "height": h, "width": w,
-              "mode": mode, "param": param, "latent_shape": tuple(y_hat.shape)}
+              "mode": mode, "param": param, "latent_shape": tuple(latents["y"].shape)}
     packed_alpha = zlib.compress(np.ascontiguousarray(alpha, np.uint8).tobytes(), 9) if alpha is not None else b""
     return pack(header, payload, packed_alpha)
 
 
 def read_latents(model, model_id, data):
-    """File bytes → (header, integer latents (C, h, w), quality or None); FormatError for any bad file.
+    """File bytes → (header, latents dict, quality or None); FormatError for any bad file.
 
     Only integer tables decide the symbols, so the latents are bit-identical on every machine.
     """
@@ -324,7 +376,7 @@ def read_latents(model, model_id, data):
         raise FormatError(f"file was made by model {header['model_id'].hex()}, "
                           f"but the loaded weights are {model_id.hex()}")
     h, w, stride = header["height"], header["width"], model.cfg.stride
-    shape = (model.prior.channels if isinstance(model, RDModel) else model.cfg.latent_channels,
+    shape = (model.cfg.M if isinstance(model, RDModel) else model.cfg.latent_channels,
              -(-h // stride), -(-w // stride))
     if header["kind"] != model.cfg.kind or tuple(header["latent_shape"]) != shape:
         raise FormatError(f"file corrupted (latent shape {header['latent_shape']} does not fit a {w}×{h} image)")
@@ -333,10 +385,10 @@ def read_latents(model, model_id, data):
             quality = header["param"] / 100
             if not 1 <= quality <= model.num_qualities:
                 raise FormatError(f"file corrupted (quality {quality} outside 1 … {model.num_qualities})")
-            return header, rd_latents(model, payload, shape, quality, header["coder"]), quality
+            return header, payload_latents(model, payload, shape, quality, header["coder"]), quality
         if header["param"] != model.cfg.bits:
             raise FormatError(f"file corrupted (B = {header['param']}, model has B = {model.cfg.bits})")
-        return header, torch.from_numpy(seed_symbols(payload, shape, model.cfg.bits, header["coder"])), None
+        return header, {"y": torch.from_numpy(seed_symbols(payload, shape, model.cfg.bits, header["coder"]))}, None
     except FormatError:
         raise
     except Exception as e:  # the entropy decoders' own errors on garbage input
@@ -362,11 +414,12 @@ def decompress(model, model_id, data):
     return rgb, header["mode"], alpha
 
 
-def estimated_bits(model, y_hat, quality):
-    """Bits the rd model's (float) prior assigns to integer latents (C, h, w): the rate it trains on."""
+def estimated_bits(model, latents, quality):
+    """Bits the rd or hyper model's (float) entropy model assigns to a latents dict: the rate it trains on."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        y = y_hat[None].to(next(model.parameters()).device)
-        return float(-torch.log2(model.likelihoods(y, quality)).sum())
+        parts = [latents[k][None].to(device) for k in ("y", "z") if k in latents]
+        return float(sum(-torch.log2(lik).sum() for lik in model.likelihoods(*parts[:1], quality, *parts[1:])))
 
 
 # ----------------------------------------------------------------------------- image files

@@ -1,4 +1,4 @@
-"""Entropy-coding figures of an rd checkpoint: rate honesty, coder speed, its share of the time, determinism.
+"""Entropy-coding figures of an rd or hyper checkpoint: rate honesty, coder speed, its share of the time, determinism.
 
   python coding_report.py                                   # weights/rd.pt on Kodak (or images/), quality 4
   python coding_report.py --weights W --data DIR --quality 6 --limit 8
@@ -7,6 +7,8 @@ Per image it measures, with the file written and read like test.py does:
   * file bits vs the bits the model's float prior estimates (rate honesty) and the header overhead;
   * entropy encode / decode seconds of both coders and their symbols per second;
   * the share of entropy coding in the whole encode (analysis + coding) and decode (coding + synthesis);
+    the hyper model's integer hyper-synthesis (scale indices) is timed apart and counted as transform,
+    the mapping of latents to symbols and groups as coding;
   * decoded symbols and pixels with 1 vs 2 torch threads (symbols must be identical).
 """
 import argparse
@@ -18,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-from codec import (CODERS, HEADER_BYTES, compress, entropy_encode, estimated_bits, image_of, latents_of, rd_latents,
-                   rd_segments, read_image, read_latents)
+from codec import (CODERS, HEADER_BYTES, compress, entropy_encode, estimated_bits, image_of, latent_segments, latents_of,
+                   payload_latents, read_image, read_latents)
 from dataset import list_images
-from model import load_checkpoint
+from model import HyperModel, load_checkpoint
 
 DEFAULT_DATA = os.path.join("..", "shared", "data", "kodak")
 
@@ -29,7 +31,7 @@ DEFAULT_DATA = os.path.join("..", "shared", "data", "kodak")
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=os.path.join("weights", "rd.pt"), help="rd checkpoint")
+    p.add_argument("--weights", default=os.path.join("weights", "rd.pt"), help="rd or hyper checkpoint")
     p.add_argument("--data", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else "images",
                    help="folder of images (default: ../shared/data/kodak when present, else images/)")
     p.add_argument("--quality", type=float, default=4, help="quality to code at")
@@ -46,19 +48,24 @@ def timed(fn, *args):
 
 def measure(model, mid, rgb, quality):
     """Figures of one image (dict)."""
-    y, t_analysis = timed(latents_of, model, rgb, quality)
-    segments = rd_segments(model, y, quality)
+    latents, t_analysis = timed(latents_of, model, rgb, quality)
+    shape = tuple(latents["y"].shape)
+    t_hyper = 0.0  # the integer hyper-synthesis, run once by the encoder and once by the decoder
+    if isinstance(model, HyperModel):
+        t_hyper = min(timed(model.scale_index, latents["z"][None], quality, shape[1:])[1] for _ in range(3))
+    segments, t_map = timed(latent_segments, model, latents, quality)
     n = sum(len(s) for s, _ in segments)
-    row = {"symbols": n}
+    row = {"symbols": n, "hyper_s": t_hyper}
     for coder in CODERS:
         payload, t_enc = timed(entropy_encode, segments, coder)
-        decoded, t_dec = timed(rd_latents, model, payload, tuple(y.shape), quality, coder)
-        assert torch.equal(decoded, y)
-        row[coder] = {"enc_s": t_enc, "dec_s": t_dec}
-    _, t_synthesis = timed(image_of, model, y, *rgb.shape[:2], quality)
+        decoded, t_dec = timed(payload_latents, model, payload, shape, quality, coder)
+        assert decoded.keys() == latents.keys() and all(torch.equal(decoded[k], latents[k]) for k in latents)
+        row[coder] = {"enc_s": t_enc + t_map - t_hyper, "dec_s": t_dec - t_hyper}
+    _, t_synthesis = timed(image_of, model, latents, *rgb.shape[:2], quality)
     data = compress(model, mid, rgb, quality=quality)
     row.update(file_bits=8 * len(data), payload_bits=8 * (len(data) - HEADER_BYTES),
-               estimated_bits=estimated_bits(model, y, quality), analysis_s=t_analysis, synthesis_s=t_synthesis)
+               estimated_bits=estimated_bits(model, latents, quality), analysis_s=t_analysis + t_hyper,
+               synthesis_s=t_synthesis + t_hyper)
     row["threads"] = thread_difference(model, mid, data)
     return row
 
@@ -73,14 +80,16 @@ def thread_difference(model, mid, data):
             out.append((latents, image_of(model, latents, header["height"], header["width"], quality)))
     finally:
         torch.set_num_threads(before)
-    return torch.equal(out[0][0], out[1][0]), int(np.abs(out[0][1].astype(int) - out[1][1].astype(int)).max())
+    same = out[0][0].keys() == out[1][0].keys() and all(torch.equal(out[0][0][k], out[1][0][k]) for k in out[0][0])
+    return same, int(np.abs(out[0][1].astype(int) - out[1][1].astype(int)).max())
 
 
 def report(rows):
     """Print the summary figures."""
     ratio = [r["payload_bits"] / r["estimated_bits"] for r in rows]
     file_ratio = [r["file_bits"] / r["estimated_bits"] for r in rows]
-    print(f"images: {len(rows)}, symbols per image: {statistics.median(r['symbols'] for r in rows):,.0f}")
+    print(f"images: {len(rows)}, symbols per image: {statistics.median(r['symbols'] for r in rows):,.0f}, "
+          f"integer hyper-synthesis {1e3 * statistics.median(r['hyper_s'] for r in rows):.1f} ms (median)")
     print(f"payload bits / estimated bits: mean {np.mean(ratio):.4f} (min {min(ratio):.4f}, max {max(ratio):.4f}); "
           f"whole file / estimated: mean {np.mean(file_ratio):.4f}; header + CRC {HEADER_BYTES} bytes")
     for coder in CODERS:
@@ -101,8 +110,8 @@ def main(argv=None):
     """Measure every image and print the summary."""
     args = parse_args(argv)
     model, ckpt = load_checkpoint(args.weights)
-    if ckpt["kind"] != "rd":
-        sys.exit(f"error: {args.weights} is a {ckpt['kind']} checkpoint; this report is about the rd model's entropy coding")
+    if ckpt["kind"] not in ("rd", "hyper"):
+        sys.exit(f"error: {args.weights} is a {ckpt['kind']} checkpoint; this report is about the learned models' entropy coding")
     paths = list_images(args.data)[: args.limit or None]
     if not paths:
         sys.exit(f"error: no images in {args.data!r}")

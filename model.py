@@ -13,10 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from quantize import FactorizedPrior, quantize_bbit, ste_round
+from quantize import FactorizedPrior, GaussianConditional, quantize_bbit, ste_round
 
 # CompressAI's λ for its qualities 1…8 (MSE): our quality knob uses the same numbering.
 LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
+# The hyperprior model's ladder starts lower (quality 1 reaches ~0.1 bpp on Kodak) and steps ×2.13.
+HYPER_LAMBDAS = tuple(round(0.0006 * 200 ** (i / 7), 5) for i in range(8))
 
 
 # ----------------------------------------------------------------------------- seed model
@@ -231,7 +233,7 @@ class RDModel(nn.Module):
         y = self.g_a(x) * g.to(x.device)
         _, likelihoods = self.prior(y, training=True, noise=noise, scale=g.to(x.device))
         x_hat = self.g_s(ste_round(y) * ig.to(x.device))
-        return {"x_hat": x_hat, "likelihoods": likelihoods}
+        return {"x_hat": x_hat, "likelihoods": [likelihoods]}
 
     @torch.no_grad()
     def init_transforms(self, x, gain=12.0):
@@ -299,18 +301,30 @@ class RDModel(nn.Module):
         """Index of the stored table nearest to a quality (exact coding either way; off-grid costs a little rate)."""
         return round((float(quality) - 1) / self.cfg.table_step)
 
+    def has_tables(self):
+        """True once the integer entropy tables are built (or loaded)."""
+        return self.prior.has_tables()
+
     def build_tables(self):
         """Integer entropy tables of every table quality, from the prior stretched by that quality's gains."""
         self.prior.build_tables(self.gains(self.table_qualities())[0].detach().squeeze(-1).squeeze(-1))
 
     def likelihoods(self, y_hat, quality):
-        """Float likelihoods of integer latents (B, M, h, w) at a quality (the rate the model trains on)."""
-        return self.prior.likelihood(y_hat, self.gains(quality)[0].to(y_hat.device))
+        """Float likelihoods of integer latents (B, M, h, w) at a quality (the rate the model trains on), as a list."""
+        return [self.prior.likelihood(y_hat, self.gains(quality)[0].to(y_hat.device))]
 
     def encode_latents(self, x, quality):
         """Image (1, 3, H, W) → integer-valued latents (1, M, H/16, W/16)."""
-        g, _ = self.gains(quality)
-        return torch.round(self.g_a(x) * g)
+        return self.quantize_latents(self.g_a(x), quality)
+
+    def quantize_latents(self, u, quality):
+        """Unscaled analysis output u → integer-valued latents at a quality."""
+        return torch.round(u * self.gains(quality)[0].to(u.device))
+
+    def evaluate(self, x, quality):
+        """Real-rounding pass (validation): reconstruction and the likelihoods the coder would use."""
+        y_hat = self.encode_latents(x, quality)
+        return {"x_hat": self.g_s(y_hat * self.gains(quality)[1]), "likelihoods": self.likelihoods(y_hat, quality)}
 
     def decode_latents(self, y_hat, quality):
         """Integer-valued latents → reconstructed image (unclamped)."""
@@ -319,8 +333,151 @@ class RDModel(nn.Module):
         return subpixel_conv(self.g_s[-1]).to(memory_format=torch.channels_last)(h)
 
 
+@dataclass
+class HyperConfig(RDConfig):
+    """RD model plus a scale hyperprior: H channels in the hyper transforms and the side latents z."""
+
+    H: int = 64
+    lambdas: tuple = HYPER_LAMBDAS
+    kind: str = "hyper"
+
+
+ACT_BITS = 8  # fractional bits of the integer hyper-synthesis' activations
+ACT_MAX = float(1 << 22)  # activations are clamped here, so every sum stays an exact float64 integer
+WEIGHT_BITS = 15  # integer weights have |w| < 2**15
+
+
+def int_conv(layer, a, frac):
+    """An integer version of a (transposed) convolution on integer activations a with `frac` fractional
+    bits: returns (exact integer accumulator in float64, its fractional bits).
+
+    Weights become integers below 2**15 by a power-of-two scale taken from their largest magnitude,
+    all exact float operations, so every machine derives the same integers; sums of < 2**53 are exact
+    in float64 whatever the summation order, thread count or device.
+    """
+    w = layer.weight.detach().to("cpu", torch.float64)
+    shift = WEIGHT_BITS - math.frexp(float(w.abs().max()))[1]
+    w_int = torch.round(w * 2.0 ** shift)
+    b_int = torch.round(layer.bias.detach().to("cpu", torch.float64) * 2.0 ** (shift + frac))
+    if isinstance(layer, nn.ConvTranspose2d):
+        acc = F.conv_transpose2d(a, w_int, b_int, layer.stride, layer.padding, layer.output_padding)
+    else:
+        acc = F.conv2d(a, w_int, b_int, layer.stride, layer.padding)
+    return acc, shift + frac
+
+
+class HyperModel(RDModel):
+    """The RD model with a scale hyperprior (Ballé et al. 2018): side latents z = h_a(|u|) of the unscaled
+    latents u, coded with a factorized prior, predict every latent's Gaussian scale through h_s.
+
+    At coding time h_s runs as an integer network (int_conv) and the scale of each latent is an integer
+    table index, so symbol probabilities are bit-identical on every machine. z does not depend on the
+    quality; the quality's gain shifts the predicted log-scale per channel.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        m, h = cfg.M, cfg.H
+        self.h_a = nn.Sequential(nn.Conv2d(m, h, 3, padding=1), nn.ReLU(), down(h, h, 5), nn.ReLU(), down(h, h, 5))
+        self.h_s = nn.Sequential(up(h, h, 3), nn.ReLU(), up(h, h, 3), nn.ReLU(), nn.Conv2d(h, m, 3, padding=1))
+        self.prior = FactorizedPrior(h)  # of z
+        self.gaussian = GaussianConditional()
+        # Per table quality and channel: log(gain) in the integer units of h_s' output (see scale_index).
+        self.register_buffer("index_offsets", torch.zeros(0, m, dtype=torch.int64))
+
+    def forward(self, x, quality, noise=None):
+        """Training pass: noisy latents and side latents for the rate, rounded latents for the decoder."""
+        g, ig = (t.to(x.device) for t in self.gains(quality))
+        u = self.g_a(x)
+        y = u * g
+        z = self.h_a(u.abs())
+        z_tilde, z_lik = self.prior(z, training=True)
+        y_tilde = y + (noise if noise is not None else torch.rand_like(y) - 0.5)
+        log_scale = self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]]  # z is rounded up in size
+        y_lik = self.gaussian.likelihood(y_tilde, torch.exp(log_scale) * g)
+        return {"x_hat": self.g_s(ste_round(y) * ig), "likelihoods": [y_lik, z_lik]}
+
+    def side_latents(self, u):
+        """Integer side latents z of the unscaled latents u (B, M, h, w)."""
+        return torch.round(self.h_a(u.abs()))
+
+    def scale_index(self, z_hat, quality, size):
+        """Integer Gaussian table index (B, M, h, w) of every latent, from integer side latents z_hat;
+        size = (h, w) of the latents (z covers them rounded up).
+
+        Computed only with exact integer arithmetic (int_conv, then int64), on the CPU, so the entropy
+        tables chosen for a file are the same on every machine.
+        """
+        a, frac = z_hat.detach().to("cpu", torch.float64).clamp(-ACT_MAX, ACT_MAX), 0
+        convs = [layer for layer in self.h_s if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))]
+        for layer in convs[:-1]:
+            acc, frac = int_conv(layer, a, frac)
+            a, frac = torch.floor(acc.clamp_min(0) * 2.0 ** (ACT_BITS - frac)).clamp_max(ACT_MAX), ACT_BITS
+        acc, frac = int_conv(convs[-1], a, frac)
+        acc = acc[..., : size[0], : size[1]]
+        step = round(GaussianConditional.log_step() * 2.0 ** frac)
+        offsets = self.index_offsets[self.table_level(quality)].view(1, -1, 1, 1)
+        # The offsets were stored with the same fractional bits (checked): recompute if weights changed.
+        if self.index_frac != frac:
+            raise ValueError("hyper-synthesis changed since build_tables(): rebuild the tables")
+        index = torch.div(acc.to(torch.int64) + offsets + step // 2, step, rounding_mode="floor")
+        return index.clamp(0, GaussianConditional.LEVELS - 1)
+
+    @property
+    def index_frac(self):
+        """Fractional bits of the integer hyper-synthesis output (depends only on the weights)."""
+        convs = [layer for layer in self.h_s if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))]
+        return WEIGHT_BITS - math.frexp(float(convs[-1].weight.detach().abs().max()))[1] + ACT_BITS
+
+    def build_tables(self):
+        """Integer tables: z's factorized prior, the Gaussian scale tables, and the per-quality index offsets."""
+        self.prior.build_tables()
+        self.gaussian.build_tables()
+        log_g = self.gains(self.table_qualities())[0].detach().squeeze(-1).squeeze(-1).double().cpu().log()
+        units = 2.0 ** self.index_frac
+        self.index_offsets = torch.round((log_g - math.log(GaussianConditional.SCALE_MIN)) * units).to(torch.int64)
+
+    def has_tables(self):
+        """True once every integer table (z prior, Gaussian scales, index offsets) is built or loaded."""
+        return self.prior.has_tables() and self.gaussian.has_tables() and self.index_offsets.numel() > 0
+
+    def likelihoods(self, y_hat, quality, z_hat):
+        """Likelihoods of integer latents under the scales of their integer table indices, and of z_hat."""
+        index = self.scale_index(z_hat, quality, y_hat.shape[-2:]).to(y_hat.device)
+        scales = GaussianConditional.table_scales().to(y_hat.device, torch.float32)[index]
+        return [self.gaussian.likelihood(y_hat, scales), self.prior.likelihood(z_hat)]
+
+    def evaluate(self, x, quality):
+        """Real-rounding pass (validation) with the coder's integer scale indices."""
+        g, ig = self.gains(quality)
+        u = self.g_a(x)
+        y_hat, z_hat = torch.round(u * g), self.side_latents(u)
+        self.build_tables()  # the weights move during training: tables of the current ones
+        per_sample = [self.likelihoods(y_hat[i : i + 1], float(q), z_hat[i : i + 1]) for i, q in enumerate(quality.tolist())]
+        lik = [torch.cat(parts) for parts in zip(*per_sample)]
+        return {"x_hat": self.g_s(y_hat * ig), "likelihoods": lik}
+
+    @torch.no_grad()
+    def fit_prior(self, x):
+        """Start the entropy model on crops x: h_s as per-channel Gaussians (zero last-layer weights,
+        bias = log std of u), z scaled to a std of 2, then z's prior fitted alone; returns z's bits per value."""
+        u = self.g_a(x)
+        last = self.h_s[-1]
+        last.weight.zero_()
+        last.bias.copy_(u.std(dim=(0, 2, 3)).clamp_min(1e-3).log())
+        # A random h_a gives |z| ≪ 1/2 on these small latents, so every z would round to 0 and the
+        # hyperprior would stay closed (measured: it did for 600 steps); start z with a std of 2.
+        z = self.h_a(u.abs())
+        last = self.h_a[-1]
+        scale = 2.0 / z.std().clamp_min(1e-6)
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+        with torch.enable_grad():
+            return self.prior.fit(z * scale)
+
+
 # ----------------------------------------------------------------------------- checkpoints
-KINDS = {"seed": (SeedConfig, SeedAutoEncoder), "rd": (RDConfig, RDModel)}
+KINDS = {"seed": (SeedConfig, SeedAutoEncoder), "rd": (RDConfig, RDModel), "hyper": (HyperConfig, HyperModel)}
 
 
 def build_model(config):
@@ -421,17 +578,16 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: not a checkpoint of this project (no config / model)")
     model = build_model(ckpt["config"])
     if isinstance(model, RDModel):
+        if "prior.starts" not in ckpt["model"] and ckpt["kind"] == "rd":  # one shared table (old): rebuild
+            ckpt["model"] = {k: v for k, v in ckpt["model"].items() if k.split(".")[-1] not in ("freqs", "offsets", "lengths")}
         # Tables are empty buffers until built; size them to what the file holds.
-        names = ("freqs", "offsets", "lengths", "starts")
-        if "prior.starts" not in ckpt["model"]:  # one shared table (before per-quality tables): rebuild
-            ckpt["model"] = {k: v for k, v in ckpt["model"].items() if k.split(".")[-1] not in names[:3]}
-        for name in names:
-            key = f"prior.{name}"
-            if key in ckpt["model"]:
-                setattr(model.prior, name, torch.zeros_like(ckpt["model"][key]))
+        for name, buf in list(model.named_buffers()):
+            owner, _, attr = name.rpartition(".")
+            if name in ckpt["model"] and buf.numel() == 0:
+                setattr(model.get_submodule(owner), attr, torch.zeros_like(ckpt["model"][name]))
     state = unpack_state(ckpt["model"])
     if isinstance(model, RDModel):
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("prior.") and k not in state})
+        state.update({k: v for k, v in model.named_buffers() if k not in state})  # tables not built yet
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -151,23 +151,6 @@ class FactorizedPrior(nn.Module):
             opt.step()
         return bits.item()
 
-    def _channel_tables(self, cdf, grid):
-        """Integer tables of one scale level from the CDF (C, n) at grid − 1/2: (freqs list, offsets).
-
-        Symbols offset … offset + len − 2 keep all but TAIL_MASS of each side; the last symbol is the
-        escape, carrying the mass outside, so no value is ever clamped.
-        """
-        tails = torch.tensor([TAIL_MASS, 1 - TAIL_MASS], dtype=torch.float64)
-        freqs, offsets = [], []
-        for c in range(cdf.shape[0]):
-            lo, hi = (int(i) for i in torch.searchsorted(cdf[c], tails))
-            lo, hi = max(lo - 1, 0), min(hi, len(grid) - 2)  # symbols k_lo … k_hi keep the mass
-            inside = (cdf[c, lo + 1 : hi + 2] - cdf[c, lo : hi + 1]).numpy()
-            escape = float(cdf[c, lo] + 1 - cdf[c, hi + 1])
-            freqs.append(pmf_to_freqs(np.append(inside, escape)))
-            offsets.append(int(grid[lo]))
-        return freqs, offsets
-
     @torch.no_grad()
     def build_tables(self, scales=None):
         """Compute the integer frequency tables for each row of scales (L, C) (once, after training)."""
@@ -178,7 +161,7 @@ class FactorizedPrior(nn.Module):
         flat, starts, offsets, lengths = [], [], [], []
         for row in scales.detach().double().cpu():
             x = (grid - 0.5).view(1, 1, -1) / row.view(-1, 1, 1)
-            freqs, offs = self._channel_tables(torch.sigmoid(ref._logits_cdf(x)).squeeze(1), grid)
+            freqs, offs = cdf_tables(torch.sigmoid(ref._logits_cdf(x)).squeeze(1), grid)
             total = sum(len(f) for f in flat)
             starts.append(np.cumsum([total] + [len(f) for f in freqs[:-1]]))
             flat += freqs
@@ -200,26 +183,114 @@ class FactorizedPrior(nn.Module):
         return [freqs[s : s + n] for s, n in zip(starts, lengths)]
 
     def to_symbols(self, y, level=0):
-        """Latents (C, H, W) → (table indices per channel, the escaped values in C-order as int64).
-
-        Values outside a channel's table get its last index, the escape, and are returned separately
-        for the coder to write out in full.
-        """
-        offsets = self.offsets[level].to(y.device, torch.int64).view(-1, 1, 1)
-        escape = (self.lengths[level].to(y.device, torch.int64) - 1).view(-1, 1, 1)
-        v = torch.round(y).to(torch.int64)
-        q = v - offsets
-        out = (q < 0) | (q >= escape)
-        return torch.where(out, escape, q).to(torch.int32), v[out]
+        """Latents (C, H, W) → (table indices per channel, the escaped values in C-order as int64)."""
+        return symbols_of(y, self.offsets[level].view(-1, 1, 1), self.lengths[level].view(-1, 1, 1))
 
     def from_symbols(self, s, level=0, escaped=None):
         """Inverse of to_symbols: table indices (C, H, W) and escaped values back to latent values."""
-        s = s.to(torch.int64)
-        escape = (self.lengths[level].to(s.device, torch.int64) - 1).view(-1, 1, 1)
-        v = s + self.offsets[level].to(s.device, torch.int64).view(-1, 1, 1)
-        out = s == escape
-        if int(out.sum()) != (0 if escaped is None else len(escaped)):
-            raise ValueError("number of escaped values does not match the escape symbols")
-        if escaped is not None and len(escaped):
-            v[out] = torch.as_tensor(escaped, dtype=torch.int64, device=s.device)
-        return v.to(torch.float32)
+        return values_of(s, self.offsets[level].view(-1, 1, 1), self.lengths[level].view(-1, 1, 1), escaped)
+
+
+class GaussianConditional(nn.Module):
+    """Zero-mean Gaussian of a given scale convolved with U(-1/2, 1/2): the latents' rate under a
+    (scale) hyperprior. Coding uses LEVELS integer tables for log-spaced scales SCALE_MIN … SCALE_MAX;
+    each latent's table index is an integer the model computes exactly (see HyperModel)."""
+
+    LEVELS, SCALE_MIN, SCALE_MAX = 64, 0.11, 256.0
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("freqs", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("offsets", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("lengths", torch.zeros(0, dtype=torch.int32))
+
+    @staticmethod
+    def log_step():
+        """Spacing of the table scales in log space."""
+        return (math.log(GaussianConditional.SCALE_MAX) - math.log(GaussianConditional.SCALE_MIN)) / (GaussianConditional.LEVELS - 1)
+
+    @staticmethod
+    def table_scales():
+        """The scales of the LEVELS coding tables (float64)."""
+        return torch.exp(math.log(GaussianConditional.SCALE_MIN) + GaussianConditional.log_step() * torch.arange(GaussianConditional.LEVELS, dtype=torch.float64))
+
+    @torch.autocast("cuda", enabled=False)
+    def likelihood(self, y, scale):
+        """P(round(y)) under N(0, scale²) ∗ U(-1/2, 1/2), for any float scale (training and estimates)."""
+        scale = scale.float().clamp_min(self.SCALE_MIN)
+        v = y.float().abs()  # the upper tail of a symmetric density is the precise side
+        p = torch.special.ndtr((0.5 - v) / scale) - torch.special.ndtr((-0.5 - v) / scale)
+        return p.clamp_min(LIKELIHOOD_BOUND)
+
+    @torch.no_grad()
+    def build_tables(self):
+        """Integer tables (each ending in an escape symbol) of every table scale."""
+        grid = torch.arange(-MAX_HALF_RANGE - 1, MAX_HALF_RANGE + 2, dtype=torch.float64)
+        cdf = torch.special.ndtr((grid - 0.5).view(1, -1) / self.table_scales().view(-1, 1))
+        freqs, offsets = cdf_tables(cdf, grid)
+        self.freqs = torch.from_numpy(np.concatenate(freqs).astype(np.int32))
+        self.offsets = torch.tensor(offsets, dtype=torch.int32)
+        self.lengths = torch.tensor([len(f) for f in freqs], dtype=torch.int32)
+
+    def has_tables(self):
+        """True once build_tables() has run (or tables were loaded)."""
+        return self.freqs.numel() > 0
+
+    def tables(self):
+        """The integer frequency table of every scale level, as numpy arrays."""
+        freqs, ends = self.freqs.cpu().numpy(), np.cumsum(self.lengths.tolist())
+        return [freqs[e - n : e] for e, n in zip(ends, self.lengths.tolist())]
+
+    def to_symbols(self, y, index):
+        """Latents and their table indices (same shape) → (table symbols, escaped values in C-order)."""
+        index = index.to(torch.int64)
+        return symbols_of(y, self.offsets[index], self.lengths[index])
+
+    def from_symbols(self, s, index, escaped=None):
+        """Inverse of to_symbols."""
+        index = index.to(torch.int64)
+        return values_of(s, self.offsets[index], self.lengths[index], escaped)
+
+
+def cdf_tables(cdf, grid):
+    """Integer tables from CDFs (rows, n) evaluated at grid − 1/2: (list of freqs, list of offsets).
+
+    Symbols offset … offset + len − 2 keep all but TAIL_MASS of each side; the last symbol is the
+    escape, carrying the mass outside, so no value is ever clamped.
+    """
+    tails = torch.tensor([TAIL_MASS, 1 - TAIL_MASS], dtype=torch.float64)
+    freqs, offsets = [], []
+    for c in range(cdf.shape[0]):
+        lo, hi = (int(i) for i in torch.searchsorted(cdf[c].contiguous(), tails))
+        lo, hi = max(lo - 1, 0), min(hi, len(grid) - 2)  # symbols k_lo … k_hi keep the mass
+        inside = (cdf[c, lo + 1 : hi + 2] - cdf[c, lo : hi + 1]).numpy()
+        escape = float(cdf[c, lo] + 1 - cdf[c, hi + 1])
+        freqs.append(pmf_to_freqs(np.append(inside, escape)))
+        offsets.append(int(grid[lo]))
+    return freqs, offsets
+
+
+def symbols_of(y, offsets, lengths):
+    """Integer latents → (table symbols, escaped values) given each value's table offset and length.
+
+    Values outside their table get its last symbol, the escape, and are returned separately (C-order)
+    for the coder to write out in full.
+    """
+    offsets, escape = offsets.to(y.device, torch.int64), lengths.to(y.device, torch.int64) - 1
+    v = torch.round(y).to(torch.int64)
+    q = v - offsets
+    out = (q < 0) | (q >= escape)
+    return torch.where(out, escape, q).to(torch.int32), v[out]
+
+
+def values_of(s, offsets, lengths, escaped=None):
+    """Inverse of symbols_of: table symbols and escaped values back to latent values (float32)."""
+    s = s.to(torch.int64)
+    escape = lengths.to(s.device, torch.int64) - 1
+    v = s + offsets.to(s.device, torch.int64)
+    out = s == escape
+    if int(out.sum()) != (0 if escaped is None else len(escaped)):
+        raise ValueError("number of escaped values does not match the escape symbols")
+    if escaped is not None and len(escaped):
+        v[out] = torch.as_tensor(escaped, dtype=torch.int64, device=s.device)
+    return v.to(torch.float32)

@@ -32,7 +32,7 @@ def parse_args(argv=None):
                              "checkpoint in --weights-dir whose identity the file names)")
     common.add_argument("--weights-dir", default="weights", help="where to look for the checkpoint a file names")
     common.add_argument("--quality", type=float, default=None,
-                        help="rd models: quality 1 (smallest) … 8 (best), fractions allowed; default: highest")
+                        help="rd / hyper models: quality 1 (smallest) … 8 (best), fractions allowed; default: highest")
     common.add_argument("--coder", default="constriction", choices=CODERS, help="entropy coder written into new files")
     common.add_argument("--encrypt", action="store_true",
                         help="password-protect new files (AES-256-GCM, scrypt key); the passphrase comes from "
@@ -75,8 +75,8 @@ def load_model(path, device):
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path} not found (train one with train.py or pass --weights)")
     model, ckpt = load_checkpoint(path, device)
-    if model.cfg.kind == "rd" and not model.prior.has_tables():
-        raise ValueError(f"{path}: rd checkpoint without entropy tables (save it with train.py)")
+    if model.cfg.kind in ("rd", "hyper") and not model.has_tables():
+        raise ValueError(f"{path}: {model.cfg.kind} checkpoint without entropy tables (save it with train.py)")
     return model, bytes.fromhex(ckpt["model_id"]), ckpt
 
 
@@ -195,7 +195,7 @@ def run_folder(args):
     weights = args.weights or DEFAULT_WEIGHTS
     model, mid, ckpt = load_model(weights, args.device)
     print(f"model {weights} ({ckpt['kind']}, id {mid.hex()}, step {ckpt.get('step', '?')})"
-          + (f", quality {args.quality or model.num_qualities}" if ckpt["kind"] == "rd" else ""))
+          + (f", quality {args.quality or model.num_qualities}" if ckpt["kind"] in ("rd", "hyper") else ""))
     passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
     print(f"{'image':20s} {'size':>10s} {'bytes':>8s} {'bpp':>7s} {'PSNR':>7s} {'enc s':>6s} {'dec s':>6s}")
     rows, failed, t0 = [], [], time.perf_counter()

@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import CropDataset, list_images, split_paths
-from model import RDConfig, RDModel, SeedConfig, build_model, load_checkpoint, resolve_device, save_checkpoint
+from model import (HyperConfig, HyperModel, RDConfig, RDModel, SeedConfig, build_model, load_checkpoint, resolve_device,
+                   save_checkpoint)
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192)}
+RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192),
+              "hyper": dict(N=80, M=192, H=64)}
 
 
 def parse_args(argv=None):
@@ -29,7 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="rd", choices=SEED_ARCHS + tuple(RD_PRESETS),
                    help="model preset: resnet18/34/50/101 = the seed auto-encoder (resnet101 is the "
-                        "seed's own), rd / rd-small / rd-large = the rate–distortion codec")
+                        "seed's own), rd / rd-small / rd-large = the rate–distortion codec (factorized prior), "
+                        "hyper = the same with a scale hyperprior")
     p.add_argument("--train-dir", default="data/train", help="folder of training photos (searched recursively)")
     p.add_argument("--val-dir", default="data/val",
                    help="folder of validation photos; if missing or empty, --val-fraction of the training set is held out")
@@ -43,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-ratio", type=float, default=0.05, help="final LR as a share of the peak (cosine decay)")
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
-    p.add_argument("--rd-channels", default=None, help="rd model: override the preset's channels as N,M (hidden,latent)")
+    p.add_argument("--rd-channels", default=None, help="rd / hyper model: override the preset's channels as N,M (hidden, latent) or, hyper, N,M,H (+ hyper channels)")
     p.add_argument("--init-transforms", default="haar", choices=("haar", "random"),
                    help="rd model, fresh runs: start the transforms as a colour + Haar wavelet codec fitted to "
                         "training crops (fast convergence) or from PyTorch's random init")
@@ -83,13 +86,14 @@ def make_model(args):
         else:
             print("encoder trunk randomly initialised (no --pretrained file given; nothing is downloaded)")
         return model
-    channels = RD_PRESETS[args.arch]
+    channels = dict(RD_PRESETS[args.arch])
     if args.rd_channels:
-        channels = dict(zip("NM", (int(c) for c in args.rd_channels.split(","))))
-    cfg = RDConfig(**channels)
+        channels.update(zip("NMH" if "H" in channels else "NM", (int(c) for c in args.rd_channels.split(","))))
+    cfg_cls = HyperConfig if "H" in channels else RDConfig
+    cfg = cfg_cls(**channels)
     if args.quality:
-        lam = float(RDModel(cfg).lmbda(args.quality))
-        cfg = RDConfig(**channels, lambdas=(lam, lam))
+        lam = float(build_model(cfg).lmbda(args.quality))
+        cfg = cfg_cls(**channels, lambdas=(lam, lam))
     return build_model(cfg)
 
 
@@ -142,7 +146,7 @@ def compute_loss(model, x, out, quality, vgg, args):
             loss = loss + args.perceptual_weight * vgg(out["x_hat"], x)
         return loss, parts
     num_pixels = x.shape[2] * x.shape[3]
-    bpp = -torch.log2(out["likelihoods"]).sum(dim=(1, 2, 3)) / num_pixels
+    bpp = sum(-torch.log2(lik).sum(dim=(1, 2, 3)) for lik in out["likelihoods"]) / num_pixels
     lam = model.lmbda(quality).to(x.device)
     # Equalise the qualities' pull on the shared weights: high-λ samples would dominate the sum.
     weight = (lam / model.lmbda(torch.tensor(4.5)).to(x.device)).rsqrt()
@@ -213,12 +217,7 @@ def validate(model, val, vgg, args):
     totals = {}
     for q in qualities:
         quality = None if q is None else torch.full((len(x),), q)
-        if quality is None:
-            out = model(x, mode="ste")
-        else:
-            g, ig = model.gains(quality)
-            y_hat = torch.round(model.g_a(x) * g)
-            out = {"x_hat": model.g_s(y_hat * ig), "likelihoods": model.likelihoods(y_hat, quality)}
+        out = model(x, mode="ste") if quality is None else model.evaluate(x, quality)
         loss, parts = compute_loss(model, x, out, quality, vgg, args)
         for k, v in {"loss": loss.item(), **parts}.items():
             totals[k] = totals.get(k, 0) + v / len(qualities)
@@ -281,10 +280,35 @@ def resume_or_init(model, opt, state, args):
     elif args.resume:
         print(f"no {resume_path} yet: starting fresh")
     elif args.init:
-        model, ckpt = load_checkpoint(args.init, args.device)
+        source, ckpt = load_checkpoint(args.init, args.device)
+        if ckpt["kind"] == model.cfg.kind:
+            model = source
+        else:
+            print(f"{args.init} is a {ckpt['kind']!r} model: copying the weights that fit the new {model.cfg.kind!r} model")
+            transfer_weights(source, model)
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         print(f"initialised from {args.init} (step {ckpt.get('step', '?')}), fresh optimizer")
     return model, opt, state
+
+
+@torch.no_grad()
+def transfer_weights(source, model):
+    """Copy every same-named, same-shaped tensor of source into model (e.g. rd → hyper); the gain
+    vectors are re-interpolated in log λ when the two quality ladders differ."""
+    target = model.state_dict()
+    skipped = [k for k, v in source.state_dict().items() if k in target and target[k].shape != v.shape]
+    for k, v in source.state_dict().items():
+        if k in target and target[k].shape == v.shape and k not in ("log_gain", "log_igain"):
+            target[k].copy_(v)
+    old = torch.log(torch.tensor(source.cfg.lambdas))
+    new = torch.log(torch.tensor(model.cfg.lambdas))
+    i = (torch.searchsorted(old, new) - 1).clamp(0, len(old) - 2)  # segment, extrapolated at the ends
+    t = ((new - old[i]) / (old[i + 1] - old[i])).view(-1, 1)
+    for name in ("log_gain", "log_igain"):
+        v = getattr(source, name)
+        getattr(model, name).copy_(torch.lerp(v[i], v[i + 1], t))
+    if skipped:
+        print(f"not copied (shape differs): {', '.join(skipped)}")
 
 
 @dataclass
@@ -325,6 +349,9 @@ def setup(args):
     if isinstance(model, RDModel) and state["step"] == 0 and not args.init and args.init_transforms == "haar":
         model.init_transforms(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
         print("transforms initialised as a colour + Haar wavelet codec fitted to 64 training crops")
+    elif isinstance(model, HyperModel) and state["step"] == 0 and args.init and not model.gaussian.has_tables():
+        model.fit_prior(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
+        print("hyperprior initialised as per-channel Gaussians fitted to 64 training crops")
     elif isinstance(model, RDModel) and state["step"] == 0 and args.init and args.refit_prior:
         bits = model.fit_prior(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
         print(f"entropy model refitted to 64 training crops ({bits:.3f} bits per latent)")

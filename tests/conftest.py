@@ -9,9 +9,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model import RDConfig, SeedConfig, build_model, save_checkpoint  # noqa: E402
+from model import HyperConfig, RDConfig, SeedConfig, build_model, save_checkpoint  # noqa: E402
 
 TINY_RD = RDConfig(N=16, M=24)
+TINY_HYPER = HyperConfig(N=16, M=24, H=8)
 TINY_SEED = SeedConfig(arch="resnet18", latent_channels=32, decoder_channels=(32, 16, 16, 8, 8))
 
 
@@ -23,15 +24,26 @@ def photo_like(h, w, seed=0):
     return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+def tiny_checkpoint(folder, config, name):
+    """Save a tiny untrained model of config (seeded) with its integer tables built; returns the path."""
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    model.build_tables()
+    path = str(folder / name)
+    save_checkpoint(path, model, step=0)
+    return path
+
+
 @pytest.fixture(scope="session")
 def rd_ckpt(tmp_path_factory):
     """Path of a tiny untrained rd checkpoint with its integer tables built."""
-    torch.manual_seed(0)
-    model = build_model(TINY_RD).eval()
-    model.build_tables()
-    path = str(tmp_path_factory.mktemp("w") / "rd_tiny.pt")
-    save_checkpoint(path, model, step=0)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_RD, "rd_tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def hyper_ckpt(tmp_path_factory):
+    """Path of a tiny untrained hyperprior checkpoint with its integer tables built."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_HYPER, "hyper_tiny.pt")
 
 
 @pytest.fixture(scope="session")

@@ -7,16 +7,17 @@ import pytest
 import torch
 
 from codec import (CODERS, HEADER_BYTES, FormatError, SymbolDecoder, compress, decompress, entropy_decode,
-                   entropy_encode, escape_segments, estimated_bits, latents_of, pack, rd_latents, rd_segments,
-                   read_escapes, read_latents, unpack)
+                   entropy_encode, escape_segments, estimated_bits, latent_segments, latents_of, pack,
+                   payload_latents, read_escapes, read_latents, unpack)
 from conftest import TINY_RD, photo_like
 from model import build_model, load_checkpoint
 import metrics
 
 
-@pytest.fixture(scope="module")
-def rd(rd_ckpt):
-    model, ckpt = load_checkpoint(rd_ckpt)
+@pytest.fixture(scope="module", params=["rd", "hyper"])
+def rd(request):
+    """A tiny rd model and a tiny hyperprior model (every test using this runs on both)."""
+    model, ckpt = load_checkpoint(request.getfixturevalue(f"{request.param}_ckpt"))
     return model, bytes.fromhex(ckpt["model_id"])
 
 
@@ -141,7 +142,8 @@ def test_decoding_is_identical_with_1_and_2_threads(rd):
             decoded.append((read_latents(model, mid, data)[1], decompress(model, mid, data)[0]))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(decoded[0][0], decoded[1][0])
+    assert decoded[0][0].keys() == decoded[1][0].keys()
+    assert all(torch.equal(decoded[0][0][k], decoded[1][0][k]) for k in decoded[0][0])
     assert np.abs(decoded[0][1].astype(int) - decoded[1][1].astype(int)).max() <= 1
 
 
@@ -178,11 +180,13 @@ def test_escaped_values_round_trip(coder):
 def test_latents_outside_the_tables_are_not_clamped(rd, quality):
     """Values far beyond a table's range travel as escapes and come back exactly (no clamping)."""
     model, _ = rd
-    y = latents_of(model, photo_like(64, 96, 4), quality)
-    y[0, 0, 0], y[1, 1, 2], y[-1, -1, -1] = 3000, -4000, 1e6
+    latents = latents_of(model, photo_like(64, 96, 4), quality)
+    for v in latents.values():
+        v[0, 0, 0], v[1, 0, 1], v[-1, -1, -1] = 3000, -4000, 1e6
     for coder in CODERS:
-        payload = entropy_encode(rd_segments(model, y, quality), coder)
-        assert torch.equal(rd_latents(model, payload, tuple(y.shape), quality, coder), y)
+        payload = entropy_encode(latent_segments(model, latents, quality), coder)
+        decoded = payload_latents(model, payload, tuple(latents["y"].shape), quality, coder)
+        assert decoded.keys() == latents.keys() and all(torch.equal(decoded[k], latents[k]) for k in latents)
 
 
 def test_single_table_checkpoint_loads_without_tables(rd_ckpt, tmp_path):

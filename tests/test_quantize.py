@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RD
+from conftest import TINY_HYPER, TINY_RD, photo_like
 from model import build_model, subpixel_conv
-from quantize import PRECISION, pmf_to_freqs, quantize_bbit
+from quantize import PRECISION, GaussianConditional, pmf_to_freqs, quantize_bbit
 
 
 def test_symbols_formula():
@@ -66,3 +66,51 @@ def test_subpixel_conv_equals_the_transposed_convolution(k):
     deconv = torch.nn.ConvTranspose2d(6, 3, k, stride=2, padding=k // 2, output_padding=1)
     x = torch.randn(2, 6, 9, 7)
     assert torch.allclose(subpixel_conv(deconv)(x), deconv(x), atol=1e-5)
+
+
+def test_gaussian_tables_are_exact_and_identical_across_builds():
+    """64 scale tables, each summing to 2^16 with every symbol ≥ 1, identical when rebuilt."""
+    a, b = GaussianConditional(), GaussianConditional()
+    a.build_tables()
+    b.build_tables()
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("freqs", "offsets", "lengths"))
+    tables = a.tables()
+    assert len(tables) == GaussianConditional.LEVELS
+    assert all(int(t.sum()) == 1 << PRECISION and t.min() >= 1 for t in tables)
+    assert [len(t) for t in tables] == sorted(len(t) for t in tables)  # wider scale, wider table
+
+
+def test_gaussian_likelihoods_sum_to_one():
+    values = torch.arange(-300, 301, dtype=torch.float32).view(1, 1, -1, 1)
+    for s in (0.05, 0.3, 2.0, 40.0):
+        p = GaussianConditional().likelihood(values, torch.full_like(values, s))
+        assert abs(float(p.sum()) - 1) < 1e-4
+
+
+def test_integer_hyper_synthesis_matches_the_float_one():
+    """The integer h_s picks the table the float network's scale rounds to, give or take one level."""
+    torch.manual_seed(0)
+    m = build_model(TINY_HYPER).eval()
+    for p in m.h_s.parameters():
+        p.data.normal_(0, 0.3)
+    m.build_tables()
+    z = torch.randint(-6, 7, (1, TINY_HYPER.H, 3, 5)).float()
+    for q in (1.0, 4.25, 8.0):
+        index = m.scale_index(z, q, (12, 20))
+        with torch.no_grad():
+            log_s = m.h_s(z) + m.gains(q)[0].log()
+        ref = torch.round((log_s - np.log(GaussianConditional.SCALE_MIN)) / GaussianConditional.log_step())
+        ref = ref.clamp(0, GaussianConditional.LEVELS - 1)
+        assert index.dtype == torch.int64 and index.shape == (1, TINY_HYPER.M, 12, 20)
+        assert (index - ref).abs().max() <= 1 and (index == ref).float().mean() > 0.98
+
+
+def test_hyperprior_starts_open():
+    """After fit_prior the side latents are not all rounded to zero (a closed hyperprior learns nothing)."""
+    torch.manual_seed(0)
+    m = build_model(TINY_HYPER)
+    crops = torch.stack([torch.from_numpy(photo_like(64, 64, i)).permute(2, 0, 1).float() / 255 for i in range(4)])
+    m.init_transforms(crops)
+    with torch.no_grad():
+        z = m.side_latents(m.g_a(crops))
+    assert (z != 0).float().mean() > 0.3

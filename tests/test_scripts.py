@@ -42,7 +42,7 @@ def odd_images(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("ckpt", ["rd_ckpt", "seed_ckpt"])
+@pytest.mark.parametrize("ckpt", ["rd_ckpt", "hyper_ckpt", "seed_ckpt"])
 def test_folder_mode_and_metrics(ckpt, odd_images, tmp_path, request):
     weights = request.getfixturevalue(ckpt)
     comp, dec = tmp_path / "c", tmp_path / "d"

@@ -27,13 +27,13 @@ def train(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("arch", ["rd", "resnet18"])
+@pytest.mark.parametrize("arch", ["rd", "hyper", "resnet18"])
 def test_trains_saves_and_resumes(arch, photos, tmp_path):
     out = str(tmp_path)
-    extra = TINY if arch == "rd" else TINY[2:]
+    extra = {"rd": TINY, "hyper": ["--rd-channels", "8,8,4", *TINY[2:]], "resnet18": TINY[2:]}[arch]
     r = train("--arch", arch, "--train-dir", photos, "--out", out, "--max-steps", "2", *extra)
     assert r.returncode == 0, r.stderr
-    name = "rd" if arch == "rd" else "seed_resnet18"
+    name = "seed_resnet18" if arch == "resnet18" else arch
     model, ckpt = load_checkpoint(os.path.join(out, f"{name}_resume.pt"))
     assert ckpt["step"] == 2 and ckpt["optimizer"]["state"] and ckpt["config"]["kind"] == model.cfg.kind
     shipped = torch.load(os.path.join(out, f"{name}.pt"), weights_only=True)
@@ -42,6 +42,24 @@ def test_trains_saves_and_resumes(arch, photos, tmp_path):
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
     assert load_checkpoint(os.path.join(out, f"{name}_resume.pt"))[1]["step"] == 4
     assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_hyper_starts_from_an_rd_checkpoint(photos, tmp_path):
+    """--init with an rd checkpoint: the shared transforms are copied, the gains re-interpolated to
+    the hyper model's quality ladder, the hyperprior started as per-channel Gaussians."""
+    rd_dir, hp_dir = str(tmp_path / "rd"), str(tmp_path / "hp")
+    assert train("--arch", "rd", "--train-dir", photos, "--out", rd_dir, "--max-steps", "1", *TINY).returncode == 0
+    r = train("--arch", "hyper", "--rd-channels", "8,8,4", "--train-dir", photos, "--out", hp_dir, "--max-steps", "1",
+              "--lr", "1e-9", "--warmup", "0", "--init", os.path.join(rd_dir, "rd.pt"), *TINY[2:])
+    assert r.returncode == 0 and "copying the weights" in r.stdout and "per-channel Gaussians" in r.stdout, r.stderr
+    rd, _ = load_checkpoint(os.path.join(rd_dir, "rd.pt"))
+    hp, _ = load_checkpoint(os.path.join(hp_dir, "hyper.pt"))
+    assert torch.allclose(rd.g_a[0].weight, hp.g_a[0].weight, atol=1e-6)
+    # The rd ladder's quality q has λ = rd.lmbda(q); the hyper model's gain at that λ must match.
+    lam, ladder = rd.cfg.lambdas[3], np.array(hp.cfg.lambdas)
+    i = int(np.searchsorted(ladder, lam)) - 1
+    q_hp = 1 + i + np.log(lam / ladder[i]) / np.log(ladder[i + 1] / ladder[i])
+    assert torch.allclose(hp.gains(float(q_hp))[0], rd.gains(4.0)[0], rtol=1e-3)
 
 
 def test_resume_is_exact(photos, tmp_path):
