@@ -382,8 +382,10 @@ class HyperModel(RDModel):
         self.h_s = nn.Sequential(up(h, h, 3), nn.ReLU(), up(h, h, 3), nn.ReLU(), nn.Conv2d(h, m, 3, padding=1))
         self.prior = FactorizedPrior(h)  # of z
         self.gaussian = GaussianConditional()
-        # Per table quality and channel: log(gain) in the integer units of h_s' output (see scale_index).
+        # Per table quality and channel: log(gain) in the integer units of h_s' output; and those units'
+        # fractional bits and the table step in them (see scale_index). Stored, so no libm call decides an index.
         self.register_buffer("index_offsets", torch.zeros(0, m, dtype=torch.int64))
+        self.register_buffer("index_units", torch.zeros(2, dtype=torch.int64))
 
     def forward(self, x, quality, noise=None):
         """Training pass: noisy latents and side latents for the rate, rounded latents for the decoder."""
@@ -415,11 +417,10 @@ class HyperModel(RDModel):
             a, frac = torch.floor(acc.clamp_min(0) * 2.0 ** (ACT_BITS - frac)).clamp_max(ACT_MAX), ACT_BITS
         acc, frac = int_conv(convs[-1], a, frac)
         acc = acc[..., : size[0], : size[1]]
-        step = round(GaussianConditional.log_step() * 2.0 ** frac)
-        offsets = self.index_offsets[self.table_level(quality)].view(1, -1, 1, 1)
-        # The offsets were stored with the same fractional bits (checked): recompute if weights changed.
-        if self.index_frac != frac:
-            raise ValueError("hyper-synthesis changed since build_tables(): rebuild the tables")
+        stored_frac, step = self.index_units.tolist()
+        if stored_frac != frac or step <= 0:
+            raise ValueError("hyper-synthesis changed since build_tables() (or no tables): rebuild the tables")
+        offsets = self.index_offsets[self.table_level(quality)].view(1, -1, 1, 1).cpu()
         index = torch.div(acc.to(torch.int64) + offsets + step // 2, step, rounding_mode="floor")
         return index.clamp(0, GaussianConditional.LEVELS - 1)
 
@@ -436,10 +437,12 @@ class HyperModel(RDModel):
         log_g = self.gains(self.table_qualities())[0].detach().squeeze(-1).squeeze(-1).double().cpu().log()
         units = 2.0 ** self.index_frac
         self.index_offsets = torch.round((log_g - math.log(GaussianConditional.SCALE_MIN)) * units).to(torch.int64)
+        self.index_units = torch.tensor([self.index_frac, round(GaussianConditional.log_step() * units)])
 
     def has_tables(self):
         """True once every integer table (z prior, Gaussian scales, index offsets) is built or loaded."""
-        return self.prior.has_tables() and self.gaussian.has_tables() and self.index_offsets.numel() > 0
+        return (self.prior.has_tables() and self.gaussian.has_tables() and self.index_offsets.numel() > 0
+                and int(self.index_units[1]) > 0)
 
     def likelihoods(self, y_hat, quality, z_hat):
         """Likelihoods of integer latents under the scales of their integer table indices, and of z_hat."""
