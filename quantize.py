@@ -5,7 +5,9 @@ Two kinds of latent coding live here and nowhere else:
 * the seed's B-bit clamp quantizer (`quantize_bbit`), whose rate is fixed by the latent size and B;
 * a learned factorized prior (`FactorizedPrior`, Ballé et al. 2018, one density per channel) that
   gives the rate term of the rate–distortion model and, once trained, the integer frequency tables
-  the entropy coder uses (`FactorizedPrior.build_tables`).
+  the entropy coder uses (`FactorizedPrior.build_tables`);
+* a zero-mean Gaussian conditional (`GaussianConditional`) for latents whose scale a hyperprior
+  predicts, with integer tables for 64 log-spaced scales.
 
 The density is learned for unscaled latents and stretched by a per-level scale (the rd model's
 per-quality gains), so one density gives exact bin probabilities at every rate. Integer tables
@@ -204,15 +206,15 @@ class GaussianConditional(nn.Module):
         self.register_buffer("offsets", torch.zeros(0, dtype=torch.int32))
         self.register_buffer("lengths", torch.zeros(0, dtype=torch.int32))
 
-    @staticmethod
-    def log_step():
+    @classmethod
+    def log_step(cls):
         """Spacing of the table scales in log space."""
-        return (math.log(GaussianConditional.SCALE_MAX) - math.log(GaussianConditional.SCALE_MIN)) / (GaussianConditional.LEVELS - 1)
+        return (math.log(cls.SCALE_MAX) - math.log(cls.SCALE_MIN)) / (cls.LEVELS - 1)
 
-    @staticmethod
-    def table_scales():
+    @classmethod
+    def table_scales(cls):
         """The scales of the LEVELS coding tables (float64)."""
-        return torch.exp(math.log(GaussianConditional.SCALE_MIN) + GaussianConditional.log_step() * torch.arange(GaussianConditional.LEVELS, dtype=torch.float64))
+        return torch.exp(math.log(cls.SCALE_MIN) + cls.log_step() * torch.arange(cls.LEVELS, dtype=torch.float64))
 
     @torch.autocast("cuda", enabled=False)
     def likelihood(self, y, scale):
