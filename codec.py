@@ -302,10 +302,10 @@ def read_factorized(dec, prior, shape, level):
 
 
 def _scale_groups(model, z_hat, quality, size):
-    """Scale indices of latents (M, *size) as int64, the latents' order grouped by index, counts per index."""
+    """Order that groups latents (M, *size) by their integer scale index, and the count per index."""
     index = model.scale_index(z_hat[None], quality, size)[0]
     flat = index.numpy().ravel().astype(np.uint8)  # < 256 tables: NumPy's stable sort is then a radix sort (8× faster)
-    return index, np.argsort(flat, kind="stable"), np.bincount(flat, minlength=len(model.gaussian.lengths))
+    return np.argsort(flat, kind="stable"), np.bincount(flat, minlength=len(model.gaussian.lengths))
 
 
 def latent_segments(model, latents, quality):
@@ -313,9 +313,9 @@ def latent_segments(model, latents, quality):
     if not isinstance(model, HyperModel):
         return factorized_segments(model.prior, latents["y"], model.table_level(quality))
     y, z = latents["y"], latents["z"]
-    index, order, counts = _scale_groups(model, z, quality, y.shape[1:])
-    sym, escaped = model.gaussian.to_symbols(y, index)
-    groups = np.split(sym.numpy().ravel()[order], np.cumsum(counts)[:-1])
+    order, counts = _scale_groups(model, z, quality, y.shape[1:])
+    sym, escaped = model.gaussian.to_symbols(y.reshape(-1)[torch.from_numpy(order)], counts)
+    groups = np.split(sym.numpy(), np.cumsum(counts)[:-1])
     return (factorized_segments(model.prior, z, 0) + list(zip(groups, model.gaussian.tables()))
             + escape_segments(escaped.numpy()))
 
@@ -331,12 +331,14 @@ def payload_latents(model, payload, shape, quality, coder):
     if not isinstance(model, HyperModel):
         return {"y": read_factorized(dec, model.prior, shape, model.table_level(quality))}
     z = read_factorized(dec, model.prior, side_shape(model, shape), 0)
-    index, order, counts = _scale_groups(model, z, quality, shape[1:])
-    flat = np.empty(order.size, np.int32)
-    flat[order] = np.concatenate([dec.take(t, int(n)) for t, n in zip(model.gaussian.tables(), counts)])
-    sym = torch.from_numpy(flat.reshape(shape))
-    n_escaped = int((sym.to(torch.int64) == model.gaussian.lengths.to(torch.int64)[index] - 1).sum())
-    return {"y": model.gaussian.from_symbols(sym, index, read_escapes(dec, n_escaped)), "z": z}
+    order, counts = _scale_groups(model, z, quality, shape[1:])
+    tables = model.gaussian.tables()
+    groups = [dec.take(t, int(n)) for t, n in zip(tables, counts)]
+    n_escaped = sum(int((g == len(t) - 1).sum()) for g, t in zip(groups, tables))  # the last symbol escapes
+    y = torch.empty(len(order))
+    y[torch.from_numpy(order)] = model.gaussian.from_symbols(torch.from_numpy(np.concatenate(groups)), counts,
+                                                             read_escapes(dec, n_escaped))
+    return {"y": y.reshape(shape), "z": z}
 
 
 def check_quality(model, quality):
