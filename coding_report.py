@@ -1,6 +1,6 @@
 """Entropy-coding figures of an rd or hyper checkpoint: rate honesty, coder speed, its share of the time, determinism.
 
-  python coding_report.py                                   # weights/rd.pt on Kodak (or images/), quality 4
+  python coding_report.py                                   # weights/hyper.pt on Kodak (or images/), quality 4
   python coding_report.py --weights W --data DIR --quality 6 --limit 8
 
 Per image it measures, with the file written and read like test.py does:
@@ -31,7 +31,7 @@ DEFAULT_DATA = os.path.join("..", "shared", "data", "kodak")
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=os.path.join("weights", "rd.pt"), help="rd or hyper checkpoint")
+    p.add_argument("--weights", default=os.path.join("weights", "hyper.pt"), help="rd or hyper checkpoint")
     p.add_argument("--data", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else "images",
                    help="folder of images (default: ../shared/data/kodak when present, else images/)")
     p.add_argument("--quality", type=float, default=4, help="quality to code at")

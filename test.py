@@ -21,7 +21,7 @@ from encryption import ENV_VAR, decrypt, encrypt, is_encrypted, read_passphrase
 from dataset import list_images
 from model import load_checkpoint, resolve_device
 
-DEFAULT_WEIGHTS = os.path.join("weights", "rd.pt")
+DEFAULT_WEIGHTS = os.path.join("weights", "hyper.pt")
 
 
 def parse_args(argv=None):
