@@ -320,17 +320,12 @@ def latent_segments(model, latents, quality):
             + escape_segments(escaped.numpy()))
 
 
-def side_shape(model, shape):
-    """Shape of the hyper model's side latents z for latents of shape (M, h, w)."""
-    return (model.cfg.H, -(-shape[1] // 4), -(-shape[2] // 4))
-
-
 def payload_latents(model, payload, shape, quality, coder):
     """Inverse of latent_segments + entropy_encode: the latents dict from an rd or hyper payload."""
     dec = SymbolDecoder(payload, coder)
     if not isinstance(model, HyperModel):
         return {"y": read_factorized(dec, model.prior, shape, model.table_level(quality))}
-    z = read_factorized(dec, model.prior, side_shape(model, shape), 0)
+    z = read_factorized(dec, model.prior, model.side_shape(shape), 0)
     order, counts = _scale_groups(model, z, quality, shape[1:])
     tables = model.gaussian.tables()
     groups = [dec.take(t, int(n)) for t, n in zip(tables, counts)]

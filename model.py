@@ -399,6 +399,10 @@ class HyperModel(RDModel):
         y_lik = self.gaussian.likelihood(y_tilde, torch.exp(log_scale) * g)
         return {"x_hat": self.g_s(ste_round(y) * ig), "likelihoods": [y_lik, z_lik]}
 
+    def side_shape(self, shape):
+        """Shape of the side latents z for latents of shape (M, h, w): h_a halves each side twice, rounding up."""
+        return (self.cfg.H, -(-shape[1] // 4), -(-shape[2] // 4))
+
     def side_latents(self, u):
         """Integer side latents z of the unscaled latents u (B, M, h, w)."""
         return torch.round(self.h_a(u.abs()))
