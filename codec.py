@@ -414,9 +414,13 @@ def decompress(model, model_id, data):
 def estimated_bits(model, latents, quality):
     """Bits the rd or hyper model's (float) entropy model assigns to a latents dict: the rate it trains on."""
     device = next(model.parameters()).device
+    y = latents["y"][None].to(device)
     with torch.no_grad():
-        parts = [latents[k][None].to(device) for k in ("y", "z") if k in latents]
-        return float(sum(-torch.log2(lik).sum() for lik in model.likelihoods(*parts[:1], quality, *parts[1:])))
+        if isinstance(model, HyperModel):
+            likelihoods = model.likelihoods(y, quality, latents["z"][None].to(device))
+        else:
+            likelihoods = model.likelihoods(y, quality)
+        return float(sum(-torch.log2(lik).sum() for lik in likelihoods))
 
 
 # ----------------------------------------------------------------------------- image files

@@ -347,6 +347,11 @@ ACT_MAX = float(1 << 22)  # activations are clamped here, so every sum stays an 
 WEIGHT_BITS = 15  # integer weights have |w| < 2**15
 
 
+def weight_shift(layer):
+    """Power of two that scales a layer's largest weight to just below 2**WEIGHT_BITS (exact: frexp)."""
+    return WEIGHT_BITS - math.frexp(float(layer.weight.detach().abs().max()))[1]
+
+
 def int_conv(layer, a, frac):
     """An integer version of a (transposed) convolution on integer activations a with `frac` fractional
     bits: returns (exact integer accumulator in float64, its fractional bits).
@@ -356,7 +361,7 @@ def int_conv(layer, a, frac):
     in float64 whatever the summation order, thread count or device.
     """
     w = layer.weight.detach().to("cpu", torch.float64)
-    shift = WEIGHT_BITS - math.frexp(float(w.abs().max()))[1]
+    shift = weight_shift(layer)
     w_int = torch.round(w * 2.0 ** shift)
     b_int = torch.round(layer.bias.detach().to("cpu", torch.float64) * 2.0 ** (shift + frac))
     if isinstance(layer, nn.ConvTranspose2d):
@@ -431,8 +436,7 @@ class HyperModel(RDModel):
     @property
     def index_frac(self):
         """Fractional bits of the integer hyper-synthesis output (depends only on the weights)."""
-        convs = [layer for layer in self.h_s if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))]
-        return WEIGHT_BITS - math.frexp(float(convs[-1].weight.detach().abs().max()))[1] + ACT_BITS
+        return weight_shift(self.h_s[-1]) + ACT_BITS
 
     def build_tables(self):
         """Integer tables: z's factorized prior, the Gaussian scale tables, and the per-quality index offsets."""

@@ -346,15 +346,15 @@ def setup(args):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0}
     model, opt, state = resume_or_init(model, opt, state, args)
+    crops = lambda: torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device)  # noqa: E731
     if isinstance(model, RDModel) and state["step"] == 0 and not args.init and args.init_transforms == "haar":
-        model.init_transforms(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
+        model.init_transforms(crops())
         print("transforms initialised as a colour + Haar wavelet codec fitted to 64 training crops")
-    elif isinstance(model, HyperModel) and state["step"] == 0 and args.init and not model.gaussian.has_tables():
-        model.fit_prior(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
-        print("hyperprior initialised as per-channel Gaussians fitted to 64 training crops")
-    elif isinstance(model, RDModel) and state["step"] == 0 and args.init and args.refit_prior:
-        bits = model.fit_prior(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device))
-        print(f"entropy model refitted to 64 training crops ({bits:.3f} bits per latent)")
+    elif isinstance(model, RDModel) and state["step"] == 0 and args.init and (args.refit_prior or not model.prior.has_tables()):
+        # A model initialised from another kind (rd → hyper) has no entropy model of its own yet.
+        bits = model.fit_prior(crops())
+        print(f"entropy model fitted to 64 training crops ({bits:.3f} bits per value"
+              + (", hyperprior started as per-channel Gaussians)" if isinstance(model, HyperModel) else ")"))
     # channels_last runs the convolutions ~1.3–1.5× faster on this CPU (oneDNN's preferred layout).
     model = model.to(memory_format=torch.channels_last).train()
     # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.
