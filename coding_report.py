@@ -23,7 +23,7 @@ import torch
 from codec import (CODERS, HEADER_BYTES, compress, entropy_encode, estimated_bits, image_of, latent_segments, latents_of,
                    payload_latents, read_image, read_latents)
 from dataset import list_images
-from model import HyperModel, load_checkpoint
+from model import HyperModel, keep_freed_memory, load_checkpoint
 
 DEFAULT_DATA = os.path.join("..", "shared", "data", "kodak")
 
@@ -109,6 +109,7 @@ def report(rows):
 def main(argv=None):
     """Measure every image and print the summary."""
     args = parse_args(argv)
+    keep_freed_memory()  # as test.py does
     model, ckpt = load_checkpoint(args.weights)
     if ckpt["kind"] not in ("rd", "hyper"):
         sys.exit(f"error: {args.weights} is a {ckpt['kind']} checkpoint; this report is about the learned models' entropy coding")

@@ -3,6 +3,7 @@
 A checkpoint is one file `{kind, config, model, step, ...}`; `load_checkpoint` rebuilds the model
 from it alone. This module imports only quantize.py (and torch / torchvision).
 """
+import ctypes
 import hashlib
 import math
 import os
@@ -17,8 +18,8 @@ from quantize import FactorizedPrior, GaussianConditional, quantize_bbit, ste_ro
 
 # CompressAI's λ for its qualities 1…8 (MSE): our quality knob uses the same numbering.
 LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
-# The hyperprior model's ladder starts lower (quality 1 reaches ~0.1 bpp on Kodak) and steps ×2.13.
-HYPER_LAMBDAS = tuple(round(0.0006 * 200 ** (i / 7), 5) for i in range(8))
+# The hyperprior model's ladder starts lower (quality 1 lands under 0.1 bpp on Kodak) and steps ×2.26.
+HYPER_LAMBDAS = tuple(round(0.0004 * 300 ** (i / 7), 5) for i in range(8))
 
 
 # ----------------------------------------------------------------------------- seed model
@@ -560,6 +561,22 @@ def save_checkpoint(path, model, precision="fp32", **extra):
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def keep_freed_memory():
+    """Let glibc keep freed memory for the next tensor instead of unmapping it (Linux; else a no-op).
+
+    By default each large block is a fresh mmap, so every big activation of a network pays a page
+    fault per 4 KiB page on first touch: measured on this project's 2-core VM, that cost a Kodak
+    decode ~40 % of its time. Returns whether the setting took.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from <malloc.h>
+    mmap_ok = any(libc.mallopt(m_mmap_threshold, v) for v in (1 << 30, 1 << 25))  # glibcs differ in the max
+    return bool(mmap_ok and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def resolve_device(name):

@@ -19,6 +19,8 @@ def parse_args(argv=None):
                                           "of one run (each started with --init from the last), drawn end to end")
     p.add_argument("--losses", nargs="*", default=[], help="losses.txt of each phase, in the same order "
                                                           "(adds validation points per epoch)")
+    p.add_argument("--name", default=None, help="run name in losses.txt and the title (default: from the first log's file name)")
+    p.add_argument("--machine", default="2-core CPU", help="what the wall-clock minutes were measured on (x-axis label)")
     p.add_argument("--out", default="training.png", help="PNG to write")
     return p.parse_args(argv)
 
@@ -40,7 +42,7 @@ def read_validation(path, name):
     return points
 
 
-def chain(logs, losses):
+def chain(logs, losses, name):
     """Log rows and validation points of consecutive phases, steps and minutes continued end to end."""
     rows, val, bounds = [], [], []
     for i, path in enumerate(logs):
@@ -50,7 +52,6 @@ def chain(logs, losses):
             bounds.append(min0)
         rows += [{**r, "step": r["step"] + step0, "minutes": r["minutes"] + min0} for r in part]
         if i < len(losses):
-            name = os.path.basename(path).removesuffix("_log.csv")
             val += [(s + step0, p, b) for s, p, b in read_validation(losses[i], name)]
     return rows, val, bounds
 
@@ -63,10 +64,10 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     args = parse_args(argv)
-    rows, val, bounds = chain(args.log, args.losses)
+    name = args.name or os.path.basename(args.log[0]).removesuffix("_log.csv")
+    rows, val, bounds = chain(args.log, args.losses, name)
     if not rows:
         sys.exit(f"error: {', '.join(args.log)} has no logged steps yet")
-    name = os.path.basename(args.log[0]).removesuffix("_log.csv")
     steps, minutes = [r["step"] for r in rows], [r["minutes"] for r in rows]
     has_bpp = any(r["bpp"] for r in rows)
     fig, axes = plt.subplots(1, 3 if has_bpp else 2, figsize=(14 if has_bpp else 10, 4))
@@ -79,7 +80,7 @@ def main(argv=None):
             ax.plot(*zip(*pts), "o-", ms=3, label="validation (rounded latents)")
         for b in bounds:
             ax.axvline(b, color="grey", ls=":", lw=1)
-        ax.set_xlabel("wall-clock minutes (2-core CPU)" + ("; dotted: next phase (--init)" if bounds else ""))
+        ax.set_xlabel(f"wall-clock minutes ({args.machine})" + ("; dotted: next phase (--init)" if bounds else ""))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -19,7 +19,7 @@ import metrics
 from codec import CODERS, FormatError, atomic_write, compress, decompress, read_image, unpack, write_image
 from encryption import ENV_VAR, decrypt, encrypt, is_encrypted, read_passphrase
 from dataset import list_images
-from model import load_checkpoint, resolve_device
+from model import keep_freed_memory, load_checkpoint, resolve_device
 
 DEFAULT_WEIGHTS = os.path.join("weights", "hyper.pt")
 
@@ -64,7 +64,8 @@ def parse_args(argv=None):
 
 
 def setup_device(args):
-    """Apply --threads and check --device."""
+    """Apply --threads, check --device, and keep freed memory for reuse (faster coding)."""
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     resolve_device(args.device)

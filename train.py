@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import CropDataset, list_images, split_paths
-from model import (HyperConfig, HyperModel, RDConfig, RDModel, SeedConfig, build_model, load_checkpoint, resolve_device,
-                   save_checkpoint)
+from model import (HyperConfig, HyperModel, RDConfig, RDModel, SeedConfig, build_model, keep_freed_memory, load_checkpoint,
+                   resolve_device, save_checkpoint)
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192),
@@ -37,7 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--val-dir", default="data/val",
                    help="folder of validation photos; if missing or empty, --val-fraction of the training set is held out")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of training photos held out when there is no --val-dir")
-    p.add_argument("--epochs", type=int, default=100, help="passes over the training set (an epoch = one crop per photo)")
+    p.add_argument("--epochs", type=int, default=100, help="passes over the training set (an epoch = --crops-per-photo crops of each photo)")
+    p.add_argument("--crops-per-photo", type=int, default=1,
+                   help="random crops of each photo per epoch (raise it on a GPU: fewer loader restarts and validations)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
     p.add_argument("--max-minutes", type=float, default=0, help="wall-clock budget over all resumed runs (0 = no limit)")
     p.add_argument("--batch-size", type=int, default=8, help="crops per step")
@@ -112,8 +114,9 @@ def make_data(args):
     print(f"loading {len(train_paths)} training and {len(val_paths)} validation photos into RAM …")
     train = CropDataset(train_paths, args.crop)
     val = CropDataset(val_paths, args.crop)
-    if len(train) < args.batch_size:
-        sys.exit(f"error: {len(train)} usable training photos is fewer than one batch (--batch-size {args.batch_size})")
+    if len(train) * args.crops_per_photo < args.batch_size:
+        sys.exit(f"error: {len(train)} usable training photos × {args.crops_per_photo} crops is fewer than one batch "
+                 f"(--batch-size {args.batch_size})")
     return train, val
 
 
@@ -173,16 +176,21 @@ def sample_randomness(model, seeds, latent_hw):
     return torch.cat(qualities), torch.stack(noise)
 
 
+def steps_per_epoch(dataset, args):
+    """Optimizer steps in one epoch (--crops-per-photo crops of every photo, whole batches only)."""
+    return len(dataset) * args.crops_per_photo // args.batch_size
+
+
 def epoch_loader(dataset, state, args, rank=0, world=1):
     """This process's share of the current epoch's batches, in an order fixed by (seed, epoch).
 
     Batches already done (a resumed run) are skipped; each item is (image index, crop seed).
     """
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["epoch"])
-    order = torch.randperm(len(dataset), generator=g).tolist()
+    order = (torch.randperm(len(dataset) * args.crops_per_photo, generator=g) % len(dataset)).tolist()
     local = args.batch_size // world
     keys = []
-    for b in range(state["epoch_step"], len(dataset) // args.batch_size):
+    for b in range(state["epoch_step"], steps_per_epoch(dataset, args)):
         for pos in range(b * args.batch_size + rank * local, b * args.batch_size + (rank + 1) * local):
             keys.append((order[pos], int(np.random.SeedSequence([args.seed, state["epoch"], pos]).generate_state(1)[0])))
     return DataLoader(KeyedItems(dataset, keys), batch_size=local, shuffle=False, num_workers=args.workers)
@@ -281,11 +289,14 @@ def resume_or_init(model, opt, state, args):
         print(f"no {resume_path} yet: starting fresh")
     elif args.init:
         source, ckpt = load_checkpoint(args.init, args.device)
-        if ckpt["kind"] == model.cfg.kind:
+        if asdict(source.cfg) == asdict(model.cfg) or not isinstance(model, RDModel):
             model = source
         else:
-            print(f"{args.init} is a {ckpt['kind']!r} model: copying the weights that fit the new {model.cfg.kind!r} model")
+            print(f"{args.init} is a {ckpt['kind']!r} model with another config: copying the weights that fit "
+                  f"the new {model.cfg.kind!r} model")
             transfer_weights(source, model)
+            if ckpt["kind"] == model.cfg.kind:
+                model.build_tables()  # its own entropy model came along: only the tables are to rebuild
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         print(f"initialised from {args.init} (step {ckpt.get('step', '?')}), fresh optimizer")
     return model, opt, state
@@ -306,7 +317,7 @@ def transfer_weights(source, model):
     t = ((new - old[i]) / (old[i + 1] - old[i])).view(-1, 1)
     for name in ("log_gain", "log_igain"):
         v = getattr(source, name)
-        getattr(model, name).copy_(torch.lerp(v[i], v[i + 1], t))
+        getattr(model, name).copy_(torch.lerp(v[i], v[i + 1], t.to(v)))
     if skipped:
         print(f"not copied (shape differs): {', '.join(skipped)}")
 
@@ -330,6 +341,7 @@ def setup(args):
     """Device, process group, data, model (fresh, resumed or initialised), optimizer; returns (Run, state, data)."""
     args.name = args.name or (f"seed_{args.arch}" if args.arch in SEED_ARCHS else args.arch)
     args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -337,6 +349,8 @@ def setup(args):
     except ValueError as e:
         sys.exit(f"error: {e}")
     rank, world = setup_distributed(args)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # one crop size throughout: let cuDNN time and pick its kernels
     if rank:
         sys.stdout = open(os.devnull, "w")  # only rank 0 talks, logs and writes files
     torch.manual_seed(args.seed)
@@ -440,7 +454,7 @@ def main(argv=None):
             if run.rank == 0 and time.time() - last_ckpt > args.ckpt_minutes * 60:
                 save_all(run.model, run.opt, state, args)
                 last_ckpt = time.time()
-        if done and state["epoch_step"] < len(train_set) // args.batch_size:
+        if done and state["epoch_step"] < steps_per_epoch(train_set, args):
             break  # a partial epoch is not logged as an epoch
         state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
         if run.rank == 0:

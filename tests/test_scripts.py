@@ -130,7 +130,7 @@ def test_plot_training_chains_phases(tmp_path):
                                                              f"{b},0,2.0,1e-3,1.9,0.001,31,0.9,20\n")
         (tmp_path / f"p{i}" / "losses.txt").write_text(f"rd epoch 1 step {b} train_loss 2 val_loss 2 val_psnr 30.5 val_bpp 0.9\n")
     logs = [str(tmp_path / f"p{i}" / "rd_log.csv") for i in range(2)]
-    rows, val, bounds = plot_training.chain(logs, [str(tmp_path / f"p{i}" / "losses.txt") for i in range(2)])
+    rows, val, bounds = plot_training.chain(logs, [str(tmp_path / f"p{i}" / "losses.txt") for i in range(2)], "rd")
     assert [r["step"] for r in rows] == [10, 20, 25, 35] and [r["minutes"] for r in rows] == [1, 2, 3, 4]
     assert [v[0] for v in val] == [20, 35] and bounds == [2.0]
     r = run("plot_training.py", *logs, "--out", str(tmp_path / "t.png"))

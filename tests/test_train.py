@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, photo_like
-from model import load_checkpoint
+from model import HyperConfig, build_model, load_checkpoint, save_checkpoint
 
 TINY = ["--rd-channels", "8,8", "--crop", "32", "--batch-size", "2", "--warmup", "2", "--threads", "1"]
 
@@ -60,6 +60,30 @@ def test_hyper_starts_from_an_rd_checkpoint(photos, tmp_path):
     i = int(np.searchsorted(ladder, lam)) - 1
     q_hp = 1 + i + np.log(lam / ladder[i]) / np.log(ladder[i + 1] / ladder[i])
     assert torch.allclose(hp.gains(float(q_hp))[0], rd.gains(4.0)[0], rtol=1e-3)
+
+
+
+def test_init_from_a_hyper_checkpoint_with_another_ladder(photos, tmp_path):
+    """--init with the same kind but another λ ladder: every weight, the hyperprior included, is kept
+    (no refit) and the gains are re-interpolated, so equal λ gives equal gains."""
+    ladder = HyperConfig().lambdas
+    ratio = ladder[1] / ladder[0]
+    source = build_model(HyperConfig(N=8, M=8, H=4, lambdas=ladder[1:] + (ladder[-1] * ratio,)))
+    torch.manual_seed(0)
+    source.log_gain.data.normal_()
+    source.build_tables()
+    src_path = str(tmp_path / "src.pt")
+    save_checkpoint(src_path, source, step=3)
+    r = train("--arch", "hyper", "--rd-channels", "8,8,4", "--train-dir", photos, "--out", str(tmp_path / "hp"),
+              "--max-steps", "1", "--lr", "1e-9", "--warmup", "0", "--init", src_path, *TINY[2:])
+    assert r.returncode == 0 and "another config" in r.stdout and "Gaussians" not in r.stdout, r.stderr
+    hp, _ = load_checkpoint(str(tmp_path / "hp" / "hyper.pt"))
+    assert hp.cfg.lambdas == ladder
+    assert torch.allclose(hp.h_s[-1].weight, source.h_s[-1].weight, atol=1e-6)
+    assert torch.allclose(hp.h_a[0].weight, source.h_a[0].weight, atol=1e-6)
+    assert torch.allclose(hp.prior.biases[0], source.prior.biases[0], atol=1e-6)
+    for q in range(1, 8):  # the source's quality q has the λ of the new quality q + 1
+        assert torch.allclose(hp.gains(q + 1.0)[0], source.gains(float(q))[0], rtol=1e-4)
 
 
 def test_resume_is_exact(photos, tmp_path):
