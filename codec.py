@@ -314,10 +314,9 @@ def latent_segments(model, latents, quality):
         return factorized_segments(model.prior, latents["y"], model.table_level(quality))
     y, z = latents["y"], latents["z"]
     order, counts = _scale_groups(model, z, quality, y.shape[1:])
-    sym, escaped = model.gaussian.to_symbols(y.reshape(-1)[torch.from_numpy(order)], counts)
-    groups = np.split(sym.numpy(), np.cumsum(counts)[:-1])
-    return (factorized_segments(model.prior, z, 0) + list(zip(groups, model.gaussian.tables()))
-            + escape_segments(escaped.numpy()))
+    sym, escaped = model.gaussian.to_symbols(y.numpy().reshape(-1)[order], counts)
+    groups = np.split(sym, np.cumsum(counts)[:-1])
+    return factorized_segments(model.prior, z, 0) + list(zip(groups, model.gaussian.tables())) + escape_segments(escaped)
 
 
 def payload_latents(model, payload, shape, quality, coder):
@@ -329,11 +328,10 @@ def payload_latents(model, payload, shape, quality, coder):
     order, counts = _scale_groups(model, z, quality, shape[1:])
     tables = model.gaussian.tables()
     groups = [dec.take(t, int(n)) for t, n in zip(tables, counts)]
-    n_escaped = sum(int((g == len(t) - 1).sum()) for g, t in zip(groups, tables))  # the last symbol escapes
-    y = torch.empty(len(order))
-    y[torch.from_numpy(order)] = model.gaussian.from_symbols(torch.from_numpy(np.concatenate(groups)), counts,
-                                                             read_escapes(dec, n_escaped))
-    return {"y": y.reshape(shape), "z": z}
+    n_escaped = sum(int(np.count_nonzero(g == len(t) - 1)) for g, t in zip(groups, tables))  # the last symbol escapes
+    y = np.empty(len(order), np.float32)
+    y[order] = model.gaussian.from_symbols(np.concatenate(groups), counts, read_escapes(dec, n_escaped))
+    return {"y": torch.from_numpy(y.reshape(shape)), "z": z}
 
 
 def check_quality(model, quality):

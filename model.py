@@ -18,8 +18,8 @@ from quantize import FactorizedPrior, GaussianConditional, quantize_bbit, ste_ro
 
 # CompressAI's λ for its qualities 1…8 (MSE): our quality knob uses the same numbering.
 LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
-# The hyperprior model's ladder starts lower (quality 1 lands under 0.1 bpp on Kodak) and steps ×2.26.
-HYPER_LAMBDAS = tuple(round(0.0004 * 300 ** (i / 7), 5) for i in range(8))
+# The hyperprior model's ladder starts lower (quality 1 lands under 0.1 bpp on Kodak) and steps ×2.33.
+HYPER_LAMBDAS = tuple(round(0.0004 * 375 ** (i / 7), 5) for i in range(8))
 
 
 # ----------------------------------------------------------------------------- seed model
@@ -346,6 +346,9 @@ class HyperConfig(RDConfig):
 ACT_BITS = 8  # fractional bits of the integer hyper-synthesis' activations
 ACT_MAX = float(1 << 22)  # activations are clamped here, so every sum stays an exact float64 integer
 WEIGHT_BITS = 15  # integer weights have |w| < 2**15
+STRIP_ROWS = 16  # rows of z per strip of the integer hyper-synthesis (64 latent rows)
+INDEX_HALO = 2  # rows of z of context: h_s reaches 1 row of z (two 3×3 stride-2 deconvs, a 3×3 conv)
+SIDE_HALO = 16  # rows of u of context for h_a, whose z rows see 4j − 7 … 4j + 7 (a multiple of 4 keeps the grid)
 
 
 def weight_shift(layer):
@@ -409,30 +412,48 @@ class HyperModel(RDModel):
         """Shape of the side latents z for latents of shape (M, h, w): h_a halves each side twice, rounding up."""
         return (self.cfg.H, -(-shape[1] // 4), -(-shape[2] // 4))
 
-    def side_latents(self, u):
-        """Integer side latents z of the unscaled latents u (B, M, h, w)."""
-        return torch.round(self.h_a(u.abs()))
+    def side_latents(self, u, strip=4 * STRIP_ROWS):
+        """Integer side latents z of the unscaled latents u (B, M, h, w), computed over strips of
+        `strip` rows of u (a multiple of 4) with a halo, which bounds memory on large images."""
+        h, parts = u.shape[2], []
+        for r0 in range(0, h, strip):
+            a, b = max(r0 - SIDE_HALO, 0), min(r0 + strip + SIDE_HALO, h)
+            z = self.h_a(u[:, :, a:b].abs())
+            parts.append(z[:, :, (r0 - a) // 4 : (r0 - a) // 4 + -(-min(strip, h - r0) // 4)])
+        return torch.round(torch.cat(parts, 2))
 
-    def scale_index(self, z_hat, quality, size):
-        """Integer Gaussian table index (B, M, h, w) of every latent, from integer side latents z_hat;
-        size = (h, w) of the latents (z covers them rounded up).
+    def scale_index(self, z_hat, quality, size, strip=STRIP_ROWS):
+        """Integer Gaussian table index (B, M, h, w) as uint8 of every latent, from integer side latents
+        z_hat; size = (h, w) of the latents (z covers them rounded up).
 
         Computed only with exact integer arithmetic (int_conv, then int64), on the CPU, so the entropy
-        tables chosen for a file are the same on every machine.
+        tables chosen for a file are the same on every machine. It runs over strips of `strip` rows of
+        z with a halo, which bounds memory on large images; exact arithmetic makes the strips' result
+        identical to the whole image's.
         """
-        a, frac = z_hat.detach().to("cpu", torch.float64).clamp(-ACT_MAX, ACT_MAX), 0
+        stored_frac, step = self.index_units.tolist()
+        if stored_frac != self.index_frac or step <= 0:
+            raise ValueError("hyper-synthesis changed since build_tables() (or no tables): rebuild the tables")
+        offsets = self.index_offsets[self.table_level(quality)].view(1, -1, 1, 1).cpu()
+        z = z_hat.detach().to("cpu", torch.float64).clamp(-ACT_MAX, ACT_MAX)
+        out = torch.empty((z.shape[0], self.cfg.M, *size), dtype=torch.uint8)
+        for r0 in range(0, z.shape[2], strip):
+            a, b = max(r0 - INDEX_HALO, 0), min(r0 + strip + INDEX_HALO, z.shape[2])
+            acc = self._int_h_s(z[:, :, a:b])[:, :, 4 * (r0 - a) : 4 * (r0 - a + strip)]
+            rows = out[:, :, 4 * r0 : 4 * (r0 + strip)]
+            index = torch.div(acc[..., : rows.shape[2], : size[1]].to(torch.int64) + offsets + step // 2, step,
+                              rounding_mode="floor")
+            rows.copy_(index.clamp_(0, GaussianConditional.LEVELS - 1))
+        return out
+
+    def _int_h_s(self, a):
+        """The integer hyper-synthesis on integer float64 side latents: exact output accumulator (float64)."""
+        frac = 0
         convs = [layer for layer in self.h_s if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))]
         for layer in convs[:-1]:
             acc, frac = int_conv(layer, a, frac)
             a, frac = torch.floor(acc.clamp_min(0) * 2.0 ** (ACT_BITS - frac)).clamp_max(ACT_MAX), ACT_BITS
-        acc, frac = int_conv(convs[-1], a, frac)
-        acc = acc[..., : size[0], : size[1]]
-        stored_frac, step = self.index_units.tolist()
-        if stored_frac != frac or step <= 0:
-            raise ValueError("hyper-synthesis changed since build_tables() (or no tables): rebuild the tables")
-        offsets = self.index_offsets[self.table_level(quality)].view(1, -1, 1, 1).cpu()
-        index = torch.div(acc.to(torch.int64) + offsets + step // 2, step, rounding_mode="floor")
-        return index.clamp(0, GaussianConditional.LEVELS - 1)
+        return int_conv(convs[-1], a, frac)[0]
 
     @property
     def index_frac(self):
@@ -455,7 +476,7 @@ class HyperModel(RDModel):
 
     def likelihoods(self, y_hat, quality, z_hat):
         """Likelihoods of integer latents under the scales of their integer table indices, and of z_hat."""
-        index = self.scale_index(z_hat, quality, y_hat.shape[-2:]).to(y_hat.device)
+        index = self.scale_index(z_hat, quality, y_hat.shape[-2:]).to(y_hat.device, torch.int64)
         scales = GaussianConditional.table_scales().to(y_hat.device, torch.float32)[index]
         return [self.gaussian.likelihood(y_hat, scales), self.prior.likelihood(z_hat)]
 

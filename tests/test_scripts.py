@@ -135,3 +135,17 @@ def test_plot_training_chains_phases(tmp_path):
     assert [v[0] for v in val] == [20, 35] and bounds == [2.0]
     r = run("plot_training.py", *logs, "--out", str(tmp_path / "t.png"))
     assert r.returncode == 0 and (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_gpu_check_runs_on_any_device(hyper_ckpt, tmp_path):
+    """gpu_check.py compares the CPU with --device (here the CPU itself: everything must match) and
+    says clearly when the device does not exist."""
+    Image.fromarray(photo_like(40, 56, 3)).save(tmp_path / "a.png")
+    out = tmp_path / "check.json"
+    r = run("gpu_check.py", "--weights", hyper_ckpt, "--images", str(tmp_path), "--qualities", "1,8",
+            "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(out.read_text())
+    pairs = [v for v in figures.values() if isinstance(v, dict)]
+    assert len(pairs) == 2 and all(v["same_file"] and v["max_pixel_diff_cpu_vs_device_decode"] == 0 for v in pairs)
+    assert one_line_error(run("gpu_check.py", "--weights", hyper_ckpt, "--device", "cuda:99"))
