@@ -6,7 +6,8 @@
 Per image it measures, with the file written and read like test.py does:
   * file bits vs the bits the model's float prior estimates (rate honesty) and the header overhead;
   * entropy encode / decode seconds of both coders and their symbols per second;
-  * the share of entropy coding in the whole encode (analysis + coding) and decode (coding + synthesis);
+  * the share of entropy coding in the model's encode (analysis + coding) and decode (coding + synthesis),
+    and in the whole encode / decode as test.py runs it (with file I/O and PNG writing);
     the hyper model's integer hyper-synthesis (scale indices) is timed apart and counted as transform,
     the mapping of latents to symbols and groups as coding;
   * decoded symbols and pixels with 1 vs 2 torch threads (symbols must be identical).
@@ -15,13 +16,14 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
 
-from codec import (CODERS, HEADER_BYTES, compress, entropy_encode, estimated_bits, image_of, latent_segments, latents_of,
-                   payload_latents, read_image, read_latents)
+from codec import (CODERS, HEADER_BYTES, atomic_write, compress, decompress, entropy_encode, estimated_bits, image_of,
+                   latent_segments, latents_of, payload_latents, read_image, read_latents, write_image)
 from dataset import list_images
 from model import HyperModel, keep_freed_memory, load_checkpoint
 
@@ -62,12 +64,29 @@ def measure(model, mid, rgb, quality):
         assert decoded.keys() == latents.keys() and all(torch.equal(decoded[k], latents[k]) for k in latents)
         row[coder] = {"enc_s": t_enc + t_map - t_hyper, "dec_s": t_dec - t_hyper}
     _, t_synthesis = timed(image_of, model, latents, *rgb.shape[:2], quality)
-    data = compress(model, mid, rgb, quality=quality)
+    data, t_user_enc, t_user_dec = user_times(model, mid, rgb, quality)
     row.update(file_bits=8 * len(data), payload_bits=8 * (len(data) - HEADER_BYTES),
                estimated_bits=estimated_bits(model, latents, quality), analysis_s=t_analysis + t_hyper,
-               synthesis_s=t_synthesis + t_hyper)
+               synthesis_s=t_synthesis + t_hyper, user_enc_s=t_user_enc, user_dec_s=t_user_dec)
     row["threads"] = thread_difference(model, mid, data)
     return row
+
+
+def user_times(model, mid, rgb, quality):
+    """(file bytes, encode s, decode s) as test.py runs them: compress + write the .qae; read it +
+    decompress + write a PNG (the default constriction coder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        qae, png = os.path.join(tmp, "x.qae"), os.path.join(tmp, "x.png")
+        _, t_enc = timed(lambda: atomic_write(qae, compress(model, mid, rgb, quality=quality)))
+        with open(qae, "rb") as f:
+            data = f.read()
+
+        def decode():
+            with open(qae, "rb") as f:
+                write_image(png, *decompress(model, mid, f.read()))
+
+        _, t_dec = timed(decode)
+    return data, t_enc, t_dec
 
 
 def thread_difference(model, mid, data):
@@ -100,6 +119,11 @@ def report(rows):
         dec_share = np.median([r[coder]["dec_s"] / (r[coder]["dec_s"] + r["synthesis_s"]) for r in rows])
         print(f"{coder:22s} encode {n / enc / 1e6:7.3f} M symbols/s, decode {n / dec / 1e6:7.3f} M symbols/s; "
               f"share of encode time {100 * enc_share:5.1f} %, of decode time {100 * dec_share:5.1f} % (median)")
+    enc_user = np.median([r["constriction"]["enc_s"] / r["user_enc_s"] for r in rows])
+    dec_user = np.median([r["constriction"]["dec_s"] / r["user_dec_s"] for r in rows])
+    print(f"constriction's share of the whole encode / decode as test.py runs it (file I/O and PNG writing "
+          f"included; median {statistics.median(r['user_enc_s'] for r in rows):.3f} / "
+          f"{statistics.median(r['user_dec_s'] for r in rows):.3f} s): {100 * enc_user:.1f} % / {100 * dec_user:.1f} %")
     same = all(r["threads"][0] for r in rows)
     print(f"1 vs 2 torch threads: symbols identical in {sum(r['threads'][0] for r in rows)}/{len(rows)} images; "
           f"largest pixel difference {max(r['threads'][1] for r in rows)}")

@@ -87,13 +87,19 @@ def test_gaussian_likelihoods_sum_to_one():
         assert abs(float(p.sum()) - 1) < 1e-4
 
 
-def test_integer_hyper_synthesis_matches_the_float_one():
-    """The integer h_s picks the table the float network's scale rounds to, give or take one level."""
-    torch.manual_seed(0)
+def random_hyper(seed):
+    """A tiny hyper model with a random, non-trivial h_s and its tables built."""
+    torch.manual_seed(seed)
     m = build_model(TINY_HYPER).eval()
     for p in m.h_s.parameters():
         p.data.normal_(0, 0.3)
     m.build_tables()
+    return m
+
+
+def test_integer_hyper_synthesis_matches_the_float_one():
+    """The integer h_s picks the table the float network's scale rounds to, give or take one level."""
+    m = random_hyper(0)
     z = torch.randint(-6, 7, (1, TINY_HYPER.H, 3, 5)).float()
     for q in (1.0, 4.25, 8.0):
         index = m.scale_index(z, q, (12, 20))
@@ -108,11 +114,7 @@ def test_integer_hyper_synthesis_matches_the_float_one():
 
 def test_integer_hyper_synthesis_in_strips_equals_the_whole():
     """Strips of z (the memory bound for large images) give exactly the whole image's indices."""
-    torch.manual_seed(1)
-    m = build_model(TINY_HYPER).eval()
-    for p in m.h_s.parameters():
-        p.data.normal_(0, 0.3)
-    m.build_tables()
+    m = random_hyper(1)
     z = torch.randint(-6, 7, (1, TINY_HYPER.H, 9, 4)).float()
     whole = m.scale_index(z, 3.0, (35, 14), strip=100)
     for strip in (1, 2, 3):
