@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from codec import (CODERS, HEADER_BYTES, FormatError, SymbolDecoder, compress, decompress, entropy_decode,
-                   entropy_encode, escape_segments, estimated_bits, latent_segments, latents_of, pack,
+from codec import (CODERS, HEADER_BYTES, SPARSE_LEVELS, FormatError, SymbolDecoder, compress, decompress,
+                   entropy_decode, entropy_encode, escape_segments, estimated_bits, latent_segments, latents_of, pack,
                    payload_latents, read_escapes, read_latents, unpack)
 from conftest import TINY_RD, photo_like
 from model import build_model, load_checkpoint
@@ -187,6 +187,36 @@ def test_latents_outside_the_tables_are_not_clamped(rd, quality):
         payload = entropy_encode(latent_segments(model, latents, quality), coder)
         decoded = payload_latents(model, payload, tuple(latents["y"].shape), quality, coder)
         assert decoded.keys() == latents.keys() and all(torch.equal(decoded[k], latents[k]) for k in latents)
+
+
+def test_sparse_smallest_scale_latents_round_trip(hyper_ckpt):
+    """Latents at the smallest scale are coded as their nonzeros' positions and values: none, a few,
+    or all of them nonzero come back exactly, with both coders."""
+    model, _ = load_checkpoint(hyper_ckpt)
+    with torch.no_grad():
+        model.h_s[-1].bias.fill_(-20.0)  # every predicted scale at the floor: every latent is sparse-coded
+    model.build_tables()
+    latents = latents_of(model, photo_like(48, 80, 6), 2.0)
+    index = model.scale_index(latents["z"][None], 2.0, latents["y"].shape[1:])[0]
+    assert bool((index < SPARSE_LEVELS).all())
+    rng = np.random.default_rng(0)
+    for n_nonzero in (0, 3, latents["y"].numel()):
+        y = torch.zeros_like(latents["y"]).view(-1)
+        y[torch.from_numpy(rng.permutation(y.numel())[:n_nonzero])] = torch.from_numpy(rng.integers(-9, 10, n_nonzero)).float()
+        lat = {"y": y.view(latents["y"].shape), "z": latents["z"]}
+        for coder in CODERS:
+            payload = entropy_encode(latent_segments(model, lat, 2.0), coder)
+            decoded = payload_latents(model, payload, tuple(lat["y"].shape), 2.0, coder)
+            assert all(torch.equal(decoded[k], lat[k]) for k in lat)
+
+
+def test_hyper_files_of_format_2_are_refused(hyper_ckpt):
+    """Version 3 changed the hyper payload: a version-2 hyper file is a clear error, not a garbage image."""
+    model, ckpt = load_checkpoint(hyper_ckpt)
+    data = compress(model, bytes.fromhex(ckpt["model_id"]), photo_like(32, 32, 1), quality=3)
+    body = data[:3] + b"\x02" + data[4:-4]
+    with pytest.raises(FormatError, match="version 2"):
+        unpack(body + struct.pack(">I", zlib.crc32(body)))
 
 
 def test_single_table_checkpoint_loads_without_tables(rd_ckpt, tmp_path):
