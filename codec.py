@@ -314,9 +314,10 @@ def _scale_groups(model, z_hat, quality, size):
     return np.argsort(flat, kind="stable"), np.bincount(flat, minlength=len(model.gaussian.lengths))
 
 
-# Latents whose scale index is below SPARSE_LEVELS (scale 0.11: a nonzero value has probability ~6e-6)
-# are ~40 % of a Kodak image's at quality 4 and nearly all zero: they are coded as the positions and
-# values of their few nonzeros, not one symbol each, which saves that share of the decoding time.
+# Latents whose scale index is below SPARSE_LEVELS (scale 0.11) are ~40 % of a Kodak image's at
+# quality 4 and nearly all zero (measured: 1 in 100 … 3,000 is ±1): they are coded as the positions
+# and values of their few nonzeros, not one range-coder symbol each, which saves that share of the
+# decoding time and, measured, no bytes (files equal or smaller than one symbol each).
 SPARSE_LEVELS = 1
 
 
