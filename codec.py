@@ -293,9 +293,8 @@ def image_of(model, latents, height, width, quality=None):
 def factorized_segments(prior, v, level):
     """Per-channel (symbols, frequencies) segments of integer values v (C, h, w) under a factorized
     prior's tables at a level, then the escaped values."""
-    sym, escaped = prior.to_symbols(v, level)
-    sym = sym.cpu().numpy()
-    return [(sym[c].ravel(), table) for c, table in enumerate(prior.tables(level))] + escape_segments(escaped.cpu().numpy())
+    sym, escaped = prior.to_symbols(v.cpu().numpy(), level)
+    return [(sym[c].ravel(), table) for c, table in enumerate(prior.tables(level))] + escape_segments(escaped)
 
 
 def read_factorized(dec, prior, shape, level):
@@ -303,8 +302,8 @@ def read_factorized(dec, prior, shape, level):
     tables = prior.tables(level)
     symbols = np.stack([dec.take(t, shape[1] * shape[2]) for t in tables]).reshape(shape)
     escape = np.array([len(t) - 1 for t in tables]).reshape(-1, 1, 1)
-    escaped = torch.from_numpy(read_escapes(dec, int((symbols == escape).sum())))
-    return prior.from_symbols(torch.from_numpy(symbols), level, escaped)
+    escaped = read_escapes(dec, int((symbols == escape).sum()))
+    return torch.from_numpy(prior.from_symbols(symbols, level, escaped))
 
 
 def _scale_groups(model, z_hat, quality, size):
@@ -352,14 +351,21 @@ def read_sparse(dec, n):
     return out
 
 
+def _take_sparse(counts):
+    """Number of the sparse-coded latents (the first SPARSE_LEVELS groups); their counts are zeroed in place,
+    since they skip the range coder."""
+    n = int(counts[:SPARSE_LEVELS].sum())
+    counts[:SPARSE_LEVELS] = 0
+    return n
+
+
 def latent_segments(model, latents, quality):
     """All (symbols, frequencies) segments of an rd or hyper model's latents dict at a quality."""
     if not isinstance(model, HyperModel):
         return factorized_segments(model.prior, latents["y"], model.table_level(quality))
     y, z = latents["y"], latents["z"]
     order, counts = _scale_groups(model, z, quality, y.shape[1:])
-    grouped, n_sparse = y.numpy().reshape(-1)[order], int(counts[:SPARSE_LEVELS].sum())
-    counts[:SPARSE_LEVELS] = 0
+    grouped, n_sparse = y.numpy().reshape(-1)[order], _take_sparse(counts)
     sym, escaped = model.gaussian.to_symbols(grouped[n_sparse:], counts)
     groups = np.split(sym, np.cumsum(counts)[:-1])
     return (factorized_segments(model.prior, z, 0) + sparse_segments(grouped[:n_sparse])
@@ -373,8 +379,7 @@ def payload_latents(model, payload, shape, quality, coder):
         return {"y": read_factorized(dec, model.prior, shape, model.table_level(quality))}
     z = read_factorized(dec, model.prior, model.side_shape(shape), 0)
     order, counts = _scale_groups(model, z, quality, shape[1:])
-    n_sparse = int(counts[:SPARSE_LEVELS].sum())
-    counts[:SPARSE_LEVELS] = 0
+    n_sparse = _take_sparse(counts)
     sparse, tables = read_sparse(dec, n_sparse), model.gaussian.tables()
     groups = [dec.take(t, int(n)) for t, n in zip(tables, counts)]
     n_escaped = sum(int(np.count_nonzero(g == len(t) - 1)) for g, t in zip(groups, tables))  # the last symbol escapes

@@ -185,12 +185,16 @@ class FactorizedPrior(nn.Module):
         return [freqs[s : s + n] for s, n in zip(starts, lengths)]
 
     def to_symbols(self, y, level=0):
-        """Latents (C, H, W) → (table indices per channel, the escaped values in C-order as int64)."""
-        return symbols_of(y, self.offsets[level].view(-1, 1, 1), self.lengths[level].view(-1, 1, 1))
+        """Integer latents (C, H, W) → (int32 table symbols per channel, the escaped values in C-order)."""
+        return symbols_of(np.asarray(y), *self.channel_tables(level))
 
-    def from_symbols(self, s, level=0, escaped=None):
-        """Inverse of to_symbols: table indices (C, H, W) and escaped values back to latent values."""
-        return values_of(s, self.offsets[level].view(-1, 1, 1), self.lengths[level].view(-1, 1, 1), escaped)
+    def from_symbols(self, s, level=0, escaped=()):
+        """Inverse of to_symbols: symbols (C, H, W) and escaped values back to float32 latent values."""
+        return values_of(s, *self.channel_tables(level), escaped)
+
+    def channel_tables(self, level):
+        """Offset and length (int32, shaped (C, 1, 1)) of every channel's table at a level."""
+        return (self.offsets[level].cpu().numpy().reshape(-1, 1, 1), self.lengths[level].cpu().numpy().reshape(-1, 1, 1))
 
 
 class GaussianConditional(nn.Module):
@@ -244,28 +248,17 @@ class GaussianConditional(nn.Module):
         return [freqs[e - n : e] for e, n in zip(ends, self.lengths.tolist())]
 
     def to_symbols(self, y, counts):
-        """Integer latents grouped by table index (1-D NumPy, counts[k] with index k) → (int32 symbols,
-        escaped values in that order).
-
-        Working on the grouped order needs no per-latent table lookup, and in-place int32 passes keep
-        the time (it counts as coding) and the memory of large images down."""
-        if len(y) and np.abs(y).max() >= 2**30:
-            raise ValueError("a latent value is too large to code (|value| ≥ 2**30)")
-        v = np.rint(y).astype(np.int32)
-        q = v - np.repeat(self.offsets.cpu().numpy().astype(np.int32), counts)
-        escape = np.repeat(self.lengths.cpu().numpy().astype(np.int32) - 1, counts)
-        out = (q < 0) | (q >= escape)
-        np.copyto(q, escape, where=out)
-        return q, v[out]
+        """Integer latents grouped by table index (1-D, counts[k] with index k) → (int32 symbols, escaped
+        values in that order): the grouped order needs no per-latent table lookup."""
+        return symbols_of(y, *self.group_tables(counts))
 
     def from_symbols(self, s, counts, escaped):
         """Inverse of to_symbols: grouped int32 symbols and the escaped values → float32 latent values."""
-        out = np.flatnonzero(s == np.repeat(self.lengths.cpu().numpy().astype(np.int32) - 1, counts))
-        if len(out) != len(escaped):
-            raise ValueError("number of escaped values does not match the escape symbols")
-        v = s + np.repeat(self.offsets.cpu().numpy().astype(np.int32), counts)
-        v[out] = escaped
-        return v.astype(np.float32)
+        return values_of(s, *self.group_tables(counts), escaped)
+
+    def group_tables(self, counts):
+        """Offset and length (int32) of every latent of latents grouped by table index."""
+        return np.repeat(self.offsets.cpu().numpy(), counts), np.repeat(self.lengths.cpu().numpy(), counts)
 
 
 def cdf_tables(cdf, grid):
@@ -287,26 +280,28 @@ def cdf_tables(cdf, grid):
 
 
 def symbols_of(y, offsets, lengths):
-    """Integer latents → (table symbols, escaped values) given each value's table offset and length.
+    """Integer latents (NumPy) → (int32 table symbols, escaped values) given each value's table offset
+    and length (broadcastable to y).
 
     Values outside their table get its last symbol, the escape, and are returned separately (C-order)
-    for the coder to write out in full.
+    for the coder to write out in full. In-place int32 passes: this runs on every latent of an image,
+    so it counts in the coding time and in the memory of large images.
     """
-    offsets, escape = offsets.to(y.device, torch.int64), lengths.to(y.device, torch.int64) - 1
-    v = torch.round(y).to(torch.int64)
+    if y.size and np.abs(y).max() >= 2**30:
+        raise ValueError("a latent value is too large to code (|value| ≥ 2**30)")
+    v = np.rint(y).astype(np.int32)
     q = v - offsets
+    escape = np.broadcast_to(lengths - 1, q.shape)
     out = (q < 0) | (q >= escape)
-    return torch.where(out, escape, q).to(torch.int32), v[out]
+    np.copyto(q, escape, where=out)
+    return q, v[out]
 
 
-def values_of(s, offsets, lengths, escaped=None):
-    """Inverse of symbols_of: table symbols and escaped values back to latent values (float32)."""
-    s = s.to(torch.int64)
-    escape = lengths.to(s.device, torch.int64) - 1
-    v = s + offsets.to(s.device, torch.int64)
-    out = s == escape
-    if int(out.sum()) != (0 if escaped is None else len(escaped)):
+def values_of(s, offsets, lengths, escaped=()):
+    """Inverse of symbols_of: int32 table symbols and escaped values back to float32 latent values."""
+    out = s == lengths - 1
+    if np.count_nonzero(out) != len(escaped):
         raise ValueError("number of escaped values does not match the escape symbols")
-    if escaped is not None and len(escaped):
-        v[out] = torch.as_tensor(escaped, dtype=torch.int64, device=s.device)
-    return v.to(torch.float32)
+    v = s + offsets
+    v[out] = escaped
+    return v.astype(np.float32)
