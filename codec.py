@@ -27,6 +27,7 @@ is no longer read.
 Reading never trusts the file: every size is checked against the data and against limits before
 anything is allocated, and any inconsistency raises FormatError with a one-line reason.
 """
+import functools
 import struct
 import zlib
 
@@ -93,7 +94,15 @@ def unpack(data):
 # ----------------------------------------------------------------------------- entropy coders
 def _constriction_model(freqs):
     """constriction model of integer frequencies: exact dyadic floats, so every machine builds the same one."""
-    return constriction.stream.model.Categorical(np.asarray(freqs, np.float64) / (1 << PRECISION), perfect=False)
+    freqs = np.asarray(freqs)
+    return _cached_model(freqs.dtype.str, freqs.tobytes())
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_model(dtype, key):
+    """The model of a table's bytes: every file reuses the same few hundred tables, and building one
+    costs more than coding a thousand symbols."""
+    return constriction.stream.model.Categorical(np.frombuffer(key, dtype) / (1 << PRECISION), perfect=False)
 
 
 def _ac_table(freqs):
@@ -141,7 +150,7 @@ class SymbolDecoder:
         if len(freqs) < 2 or n == 0:
             return np.zeros(n, np.int32)  # a one-symbol alphabet costs nothing and is not coded
         if self.coder == "constriction":
-            return self.dec.decode(_constriction_model(freqs), n).astype(np.int32)
+            return self.dec.decode(_constriction_model(freqs), n).astype(np.int32, copy=False)
         table = _ac_table(freqs)
         return np.array([self.dec.decode_symbol(table) for _ in range(n)], np.int32)
 
@@ -181,6 +190,8 @@ def escape_segments(values, lengths=EG_LENGTHS):
 
 def read_escapes(dec, count, lengths=EG_LENGTHS):
     """Inverse of escape_segments: the next `count` escaped values from a SymbolDecoder."""
+    if count == 0:  # the usual case, and a few array operations saved per group
+        return np.zeros(0, np.int64)
     n = dec.take(lengths, count).astype(np.int64)
     bits = dec.take(EG_BITS, int(n.sum())).astype(np.int64)
     owner = np.repeat(np.arange(count), n)
@@ -299,18 +310,17 @@ def factorized_segments(prior, v, level):
 
 def read_factorized(dec, prior, shape, level):
     """Inverse of factorized_segments, reading from a SymbolDecoder: values (C, h, w)."""
-    tables = prior.tables(level)
-    symbols = np.stack([dec.take(t, shape[1] * shape[2]) for t in tables]).reshape(shape)
-    escape = np.array([len(t) - 1 for t in tables]).reshape(-1, 1, 1)
-    escaped = read_escapes(dec, int((symbols == escape).sum()))
-    return torch.from_numpy(prior.from_symbols(symbols, level, escaped))
+    symbols = np.stack([dec.take(t, shape[1] * shape[2]) for t in prior.tables(level)]).reshape(shape)
+    return torch.from_numpy(prior.from_symbols(symbols, level, lambda count: read_escapes(dec, count)))
 
 
 def _scale_groups(model, z_hat, quality, size):
     """Order that groups latents (M, *size) by their integer scale index, and the count per index."""
-    index = model.scale_index(z_hat[None], quality, size)[0]
-    flat = index.numpy().ravel().astype(np.uint8)  # < 256 tables: NumPy's stable sort is then a radix sort (8× faster)
-    return np.argsort(flat, kind="stable"), np.bincount(flat, minlength=len(model.gaussian.lengths))
+    index = model.scale_index(z_hat[None], quality, size)[0].reshape(-1)
+    # A stable sort's order is unique, so torch's (parallel, radix) sort gives every machine the same groups.
+    levels, order = torch.sort(index, stable=True)
+    bounds = np.searchsorted(levels.numpy(), np.arange(len(model.gaussian.lengths) + 1, dtype=levels.numpy().dtype))
+    return order.numpy(), np.diff(bounds)
 
 
 # Latents whose scale index is below SPARSE_LEVELS (scale 0.11) are ~40 % of a Kodak image's at
@@ -336,7 +346,7 @@ def sparse_segments(values):
 
 
 def read_sparse(dec, n):
-    """Inverse of sparse_segments for n values, from a SymbolDecoder (float32)."""
+    """Inverse of sparse_segments for n values, from a SymbolDecoder: (positions, values) of the nonzeros."""
     count = int(read_escapes(dec, 1)[0])
     if not 0 <= count <= n:
         raise FormatError("payload corrupted (sparse count out of range)")
@@ -346,9 +356,7 @@ def read_sparse(dec, n):
     positions = np.cumsum((high << k) + low.sum(axis=1) + 1) - 1
     if count and (positions.min() < 0 or positions[-1] >= n):
         raise FormatError("payload corrupted (sparse position out of range)")
-    out = np.zeros(n, np.float32)
-    out[positions] = read_escapes(dec, count, EG_SHORT)
-    return out
+    return positions, read_escapes(dec, count, EG_SHORT)
 
 
 def _take_sparse(counts):
@@ -380,12 +388,11 @@ def payload_latents(model, payload, shape, quality, coder):
     z = read_factorized(dec, model.prior, model.side_shape(shape), 0)
     order, counts = _scale_groups(model, z, quality, shape[1:])
     n_sparse = _take_sparse(counts)
-    sparse, tables = read_sparse(dec, n_sparse), model.gaussian.tables()
-    groups = [dec.take(t, int(n)) for t, n in zip(tables, counts)]
-    n_escaped = sum(int(np.count_nonzero(g == len(t) - 1)) for g, t in zip(groups, tables))  # the last symbol escapes
-    y = np.empty(len(order), np.float32)
-    y[order[:n_sparse]] = sparse
-    y[order[n_sparse:]] = model.gaussian.from_symbols(np.concatenate(groups), counts, read_escapes(dec, n_escaped))
+    y = np.zeros(len(order), np.float32)
+    positions, values = read_sparse(dec, n_sparse)
+    y[order[positions]] = values
+    symbols = np.concatenate([dec.take(t, int(n)) for t, n in zip(model.gaussian.tables(), counts)])
+    y[order[n_sparse:]] = model.gaussian.from_symbols(symbols, counts, lambda count: read_escapes(dec, count))
     return {"y": torch.from_numpy(y.reshape(shape)), "z": z}
 
 

@@ -189,12 +189,14 @@ class FactorizedPrior(nn.Module):
         return symbols_of(np.asarray(y), *self.channel_tables(level))
 
     def from_symbols(self, s, level=0, escaped=()):
-        """Inverse of to_symbols: symbols (C, H, W) and escaped values back to float32 latent values."""
+        """Inverse of to_symbols: symbols (C, H, W, overwritten) and escaped values (or a function of their
+        count that reads them) back to float32 latent values."""
         return values_of(s, *self.channel_tables(level), escaped)
 
     def channel_tables(self, level):
-        """Offset and length (int32, shaped (C, 1, 1)) of every channel's table at a level."""
-        return (self.offsets[level].cpu().numpy().reshape(-1, 1, 1), self.lengths[level].cpu().numpy().reshape(-1, 1, 1))
+        """Offset and escape symbol (length − 1) of every channel's table at a level, shaped (C, 1, 1)."""
+        offsets, lengths = self.offsets[level].cpu().numpy(), self.lengths[level].cpu().numpy()
+        return offsets.reshape(-1, 1, 1), (lengths - 1).astype(np.uint32).reshape(-1, 1, 1)
 
 
 class GaussianConditional(nn.Module):
@@ -253,12 +255,14 @@ class GaussianConditional(nn.Module):
         return symbols_of(y, *self.group_tables(counts))
 
     def from_symbols(self, s, counts, escaped):
-        """Inverse of to_symbols: grouped int32 symbols and the escaped values → float32 latent values."""
+        """Inverse of to_symbols: grouped int32 symbols (overwritten) and the escaped values (or a function of
+        their count that reads them) → float32 latent values."""
         return values_of(s, *self.group_tables(counts), escaped)
 
     def group_tables(self, counts):
-        """Offset and length (int32) of every latent of latents grouped by table index."""
-        return np.repeat(self.offsets.cpu().numpy(), counts), np.repeat(self.lengths.cpu().numpy(), counts)
+        """Offset and escape symbol (length − 1) of every latent of latents grouped by table index."""
+        escapes = (self.lengths.cpu().numpy() - 1).astype(np.uint32)
+        return np.repeat(self.offsets.cpu().numpy(), counts), np.repeat(escapes, counts)
 
 
 def cdf_tables(cdf, grid):
@@ -279,29 +283,32 @@ def cdf_tables(cdf, grid):
     return freqs, offsets
 
 
-def symbols_of(y, offsets, lengths):
+def symbols_of(y, offsets, escapes):
     """Integer latents (NumPy) → (int32 table symbols, escaped values) given each value's table offset
-    and length (broadcastable to y).
+    and escape symbol (the table's last, uint32; both broadcastable to y).
 
-    Values outside their table get its last symbol, the escape, and are returned separately (C-order)
-    for the coder to write out in full. In-place int32 passes: this runs on every latent of an image,
-    so it counts in the coding time and in the memory of large images.
+    Values outside their table get the escape symbol and are returned separately (C-order) for the
+    coder to write out in full. In-place int32 passes: this runs on every latent of an image, so it
+    counts in the coding time and in the memory of large images.
     """
     if y.size and np.abs(y).max() >= 2**30:
         raise ValueError("a latent value is too large to code (|value| ≥ 2**30)")
     v = np.rint(y).astype(np.int32)
     q = v - offsets
-    escape = np.broadcast_to(lengths - 1, q.shape)
-    out = (q < 0) | (q >= escape)
-    np.copyto(q, escape, where=out)
+    out = q.view(np.uint32) >= escapes  # one unsigned compare: a value below the table wraps to a huge one
+    np.copyto(q, escapes.astype(np.int32, copy=False), where=out)
     return q, v[out]
 
 
-def values_of(s, offsets, lengths, escaped=()):
-    """Inverse of symbols_of: int32 table symbols and escaped values back to float32 latent values."""
-    out = s == lengths - 1
-    if np.count_nonzero(out) != len(escaped):
+def values_of(s, offsets, escapes, escaped=()):
+    """Inverse of symbols_of: int32 table symbols (overwritten) and the escaped values → float32 latent
+    values. `escaped` may be a function of the number of escape symbols that returns the values (a
+    decoder reading them from the stream), which saves the caller a pass to count them."""
+    out = s == escapes
+    n = np.count_nonzero(out)
+    escaped = escaped(n) if callable(escaped) else escaped
+    if n != len(escaped):
         raise ValueError("number of escaped values does not match the escape symbols")
-    v = s + offsets
+    v = np.add(s, offsets, out=s)
     v[out] = escaped
     return v.astype(np.float32)

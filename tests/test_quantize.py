@@ -5,7 +5,7 @@ import torch
 
 from conftest import TINY_HYPER, TINY_RD, photo_like
 from model import build_model, subpixel_conv
-from quantize import PRECISION, GaussianConditional, pmf_to_freqs, quantize_bbit
+from quantize import PRECISION, GaussianConditional, pmf_to_freqs, quantize_bbit, symbols_of, values_of
 
 
 def test_symbols_formula():
@@ -43,6 +43,21 @@ def test_pmf_to_freqs_is_exact_and_positive():
     for n in (1, 2, 17, 500):
         f = pmf_to_freqs(rng.random(n) ** 8)
         assert f.sum() == 1 << PRECISION and f.min() >= 1
+
+
+def test_symbols_escape_on_both_sides_and_map_back():
+    """Values below, inside and above each table become symbols or the escape symbol and come back exactly,
+    with the escaped values given as an array or read through a function of their count."""
+    y = np.array([[-7.0, -2.0, 0.0, 2.0, 3.0, 1e6], [-3.0, -1.0, 0.0, 1.0, 4.0, -1e6]], np.float32)
+    offsets, escapes = np.array([[-2], [-1]], np.int32), np.array([[5], [3]], np.uint32)  # [-2, 2] and [-1, 1]
+    s, escaped = symbols_of(y, offsets, escapes)
+    assert s.tolist() == [[5, 0, 2, 4, 5, 5], [3, 0, 1, 2, 3, 3]] and escaped.tolist() == [-7, 3, 1e6, -3, 4, -1e6]
+    assert np.array_equal(values_of(s.copy(), offsets, escapes, escaped), y)
+    counts = []
+    assert np.array_equal(values_of(s.copy(), offsets, escapes, lambda n: counts.append(n) or escaped), y)
+    assert counts == [6]
+    with pytest.raises(ValueError, match="escaped values"):
+        values_of(s.copy(), offsets, escapes, escaped[:-1])
 
 
 def test_tables_identical_across_two_fresh_builds():
