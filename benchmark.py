@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import metrics
-from codec import atomic_write, compress, decompress, read_image, write_image
+from codec import VERSION, atomic_write, compress, decompress, read_image, write_image
 from dataset import list_images
 from model import keep_freed_memory, load_checkpoint
 
@@ -336,7 +336,8 @@ def main(argv=None):
             for path in weights:
                 model, ckpt = load_checkpoint(path)
                 cname = "ours-" + os.path.splitext(os.path.basename(path))[0]
-                key = {"model_id": ckpt["model_id"], "qualities": qualities, "images": image_key}
+                # The format version is part of the key: a new bitstream changes sizes and speeds.
+                key = {"model_id": ckpt["model_id"], "format": VERSION, "qualities": qualities, "images": image_key}
 
                 def compute(path=path):
                     label, points, _ = our_points(path, images, qualities, os.path.join(args.out, "cache"))

@@ -304,7 +304,7 @@ def values_of(s, offsets, escapes, escaped=()):
     """Inverse of symbols_of: int32 table symbols (overwritten) and the escaped values → float32 latent
     values. `escaped` may be a function of the number of escape symbols that returns the values (a
     decoder reading them from the stream), which saves the caller a pass to count them."""
-    out = s == escapes
+    out = s.view(np.uint32) == escapes  # same-type compare: int32 against uint32 would widen both to int64
     n = np.count_nonzero(out)
     escaped = escaped(n) if callable(escaped) else escaped
     if n != len(escaped):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from codec import (CODERS, HEADER_BYTES, SPARSE_LEVELS, FormatError, SymbolDecoder, compress, decompress,
+from codec import (CODERS, HEADER_BYTES, RANGE_CODER, SPARSE_LEVELS, FormatError, SymbolDecoder, compress, decompress,
                    entropy_decode, entropy_encode, escape_segments, estimated_bits, latent_segments, latents_of, pack,
                    payload_latents, read_escapes, read_latents, unpack)
 from conftest import TINY_RD, photo_like
@@ -217,6 +217,21 @@ def test_hyper_files_of_format_2_are_refused(hyper_ckpt):
     body = data[:3] + b"\x02" + data[4:-4]
     with pytest.raises(FormatError, match="version 2"):
         unpack(body + struct.pack(">I", zlib.crc32(body)))
+
+
+@pytest.mark.parametrize("ckpt", ["rd_ckpt", "hyper_ckpt"])
+def test_range_coded_files_of_format_3_still_decode(ckpt, request):
+    """Version 4 moved "constriction" from its range coder to ANS: a version-3 file (range coder) decodes
+    to the same image as the version-4 file of the same latents."""
+    model, ckpt_dict = load_checkpoint(request.getfixturevalue(ckpt))
+    mid, rgb = bytes.fromhex(ckpt_dict["model_id"]), photo_like(40, 56, 2)
+    data = compress(model, mid, rgb, quality=3)
+    header, _, _ = unpack(data)
+    legacy = pack(header, entropy_encode(latent_segments(model, latents_of(model, rgb, 3), 3), RANGE_CODER))
+    body = legacy[:3] + b"\x03" + legacy[4:-4]
+    legacy = body + struct.pack(">I", zlib.crc32(body))
+    assert unpack(legacy)[0]["coder"] == RANGE_CODER and legacy != data
+    assert np.array_equal(decompress(model, mid, legacy)[0], decompress(model, mid, data)[0])
 
 
 def test_single_table_checkpoint_loads_without_tables(rd_ckpt, tmp_path):

@@ -149,3 +149,17 @@ def test_gpu_check_runs_on_any_device(hyper_ckpt, tmp_path):
     pairs = [v for v in figures.values() if isinstance(v, dict)]
     assert len(pairs) == 2 and all(v["same_file"] and v["max_pixel_diff_cpu_vs_device_decode"] == 0 for v in pairs)
     assert one_line_error(run("gpu_check.py", "--weights", hyper_ckpt, "--device", "cuda:99"))
+
+
+@pytest.mark.parametrize("ckpt", ["rd_ckpt", "hyper_ckpt"])
+def test_coding_report_measures_both_coders(ckpt, tmp_path, request):
+    """coding_report.py codes every image at every quality with both coders (round trip asserted inside),
+    prints the shares and thread check, and refuses a quality outside the model's range in one line."""
+    weights = request.getfixturevalue(ckpt)
+    for i in range(2):
+        Image.fromarray(photo_like(40, 56, i)).save(tmp_path / f"{i}.png")
+    r = run("coding_report.py", "--weights", weights, "--data", str(tmp_path), "--quality", "1", "3", "--repeat", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("symbols identical in 2/2 images") == 2
+    assert r.stdout.count("arithmetic-compressor") == 2 and "share of the whole time" in r.stdout
+    assert one_line_error(run("coding_report.py", "--weights", weights, "--data", str(tmp_path), "--quality", "99"))
