@@ -140,7 +140,7 @@ def report(rows, quality):
     file_ratio = [r["file_bits"] / r["estimated_bits"] for r in rows]
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     print(f"quality {quality}: {len(rows)} images, {med('file_bits') / 8:,.0f} bytes and {med('symbols'):,.0f} "
-          f"range-coder symbols per image, integer hyper-synthesis {1e3 * med('hyper_s'):.1f} ms (medians)")
+          f"entropy-coder symbols per image, integer hyper-synthesis {1e3 * med('hyper_s'):.1f} ms (medians)")
     print(f"  payload bits / estimated bits: mean {np.mean(ratio):.4f} (min {min(ratio):.4f}, max {max(ratio):.4f}); "
           f"whole file / estimated: mean {np.mean(file_ratio):.4f}; header + CRC {HEADER_BYTES} bytes")
     for coder in CODERS:

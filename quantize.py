@@ -291,9 +291,10 @@ def symbols_of(y, offsets, escapes):
     coder to write out in full. In-place int32 passes: this runs on every latent of an image, so it
     counts in the coding time and in the memory of large images.
     """
-    if y.size and np.abs(y).max() >= 2**30:
+    if y.size and max(-y.min(), y.max()) >= 2**30:  # two reductions, no temporary array
         raise ValueError("a latent value is too large to code (|value| ≥ 2**30)")
-    v = np.rint(y).astype(np.int32)
+    v = np.empty(y.shape, np.int32)
+    np.rint(y, out=v, casting="unsafe")
     q = v - offsets
     out = q.view(np.uint32) >= escapes  # one unsigned compare: a value below the table wraps to a huge one
     np.copyto(q, escapes.astype(np.int32, copy=False), where=out)
@@ -310,5 +311,6 @@ def values_of(s, offsets, escapes, escaped=()):
     if n != len(escaped):
         raise ValueError("number of escaped values does not match the escape symbols")
     v = np.add(s, offsets, out=s)
-    v[out] = escaped
+    if n:
+        v[out] = escaped
     return v.astype(np.float32)
