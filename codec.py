@@ -334,7 +334,7 @@ def _scale_groups(model, z_hat, quality, size):
 
 # Latents whose scale index is below SPARSE_LEVELS (scale 0.11) are ~40 % of a Kodak image's at
 # quality 4 and nearly all zero (measured: 1 in 100 … 3,000 is ±1): they are coded as the positions
-# and values of their few nonzeros, not one range-coder symbol each, which saves that share of the
+# and values of their few nonzeros, not one coder symbol each, which saves that share of the
 # decoding time and, measured, no bytes (files equal or smaller than one symbol each).
 SPARSE_LEVELS = 1
 
@@ -370,7 +370,7 @@ def read_sparse(dec, n):
 
 def _take_sparse(counts):
     """Number of the sparse-coded latents (the first SPARSE_LEVELS groups); their counts are zeroed in place,
-    since they skip the range coder."""
+    since they are not coded one symbol each under the Gaussian tables."""
     n = int(counts[:SPARSE_LEVELS].sum())
     counts[:SPARSE_LEVELS] = 0
     return n
