@@ -88,7 +88,9 @@ def unpack(data):
         raise FormatError("file corrupted (unknown model kind, coder or mode)")
     if h == 0 or w == 0 or h * w > MAX_PIXELS or c == 0 or lh == 0 or lw == 0:
         raise FormatError(f"file declares an impossible size ({w}×{h}, latent {c}×{lh}×{lw})")
-    coder = CODERS[coder] if version >= 4 or coder else RANGE_CODER
+    coder = CODERS[coder]
+    if coder == "constriction" and version < 4:
+        coder = RANGE_CODER  # the same coder byte named constriction's range coder before version 4
     header = {"kind": KINDS[kind], "coder": coder, "model_id": mid, "height": h, "width": w,
               "mode": MODES[mode], "param": param, "latent_shape": (c, lh, lw)}
     payload = data[HEADER.size : HEADER.size + n_payload]
