@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import metrics
-from codec import VERSION, atomic_write, compress, decompress, read_image, write_image
+from codec import VERSION, atomic_write, compress, decompress, decompress_file, read_image
 from dataset import list_images
 from model import keep_freed_memory, load_checkpoint
 
@@ -139,9 +139,7 @@ def our_points(path, images, qualities, tmp):
 
     def decode(_):
         with open(qae, "rb") as f:
-            rgb, mode, alpha = decompress(model, mid, f.read())
-        write_image(png, rgb, mode, alpha)
-        return rgb
+            return decompress_file(model, mid, f.read(), png)
 
     points = [{"quality": q, "rows": measure_point(lambda rgb, q=q: encode(rgb, q), decode, images,
                                                    f"{os.path.basename(path)} q={q}")} for q in qualities]

@@ -482,6 +482,24 @@ def decompress(model, model_id, data):
     return rgb, header["mode"], alpha
 
 
+def compress_file(model, model_id, src, dst, quality=None, coder="constriction", seal=None):
+    """Image file src → compressed file dst, written atomically: (file bytes, read_image's notices).
+    `seal` (optional) transforms the bytes before they are written: test.py's encryption."""
+    rgb, mode, alpha, notices = read_image(src)
+    data = compress(model, model_id, rgb, mode, alpha, quality, coder)
+    if seal is not None:
+        data = seal(data)
+    atomic_write(dst, data)
+    return data, notices
+
+
+def decompress_file(model, model_id, data, dst):
+    """Compressed file bytes → image file dst (format from its extension), written atomically; the RGB array."""
+    rgb, mode, alpha = decompress(model, model_id, data)
+    write_image(dst, rgb, mode, alpha)
+    return rgb
+
+
 def estimated_bits(model, latents, quality):
     """Bits the rd or hyper model's (float) entropy model assigns to a latents dict: the rate it trains on."""
     device = next(model.parameters()).device

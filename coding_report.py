@@ -7,7 +7,7 @@ Per image and quality it measures, with the file written and read like test.py d
   * file bits vs the bits the model's float prior estimates (rate honesty) and the header overhead;
   * entropy encode / decode seconds of both coders and their symbols per second;
   * the share of entropy coding in the model's encode (analysis + coding) and decode (coding + synthesis),
-    in both together, and in the whole encode / decode as test.py runs it (file I/O and PNG writing);
+    in both together, and in the whole encode / decode as test.py runs it (reading the image, file I/O, PNG writing);
     the hyper model's integer hyper-synthesis (scale indices), which the coding functions call, is
     clocked inside each call and counted as transform; the mapping of latents to symbols and groups is coding;
   * decoded symbols and pixels with 1 vs 2 torch threads (symbols must be identical).
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from codec import (CODERS, HEADER_BYTES, atomic_write, check_quality, compress, decompress, entropy_encode, estimated_bits, image_of,
-                   latent_segments, latents_of, payload_latents, read_image, read_latents, write_image)
+from codec import (CODERS, HEADER_BYTES, check_quality, compress_file, decompress_file, entropy_encode, estimated_bits,
+                   image_of, latent_segments, latents_of, payload_latents, read_image, read_latents)
 from dataset import list_images
 from model import HyperModel, keep_freed_memory, load_checkpoint
 
@@ -81,8 +81,8 @@ def coding_timed(model, repeat, fn, *args):
     return (out, *best)
 
 
-def measure(model, mid, rgb, quality, repeat):
-    """Figures of one image at one quality (dict)."""
+def measure(model, mid, path, rgb, quality, repeat):
+    """Figures of one image (its file and its pixels) at one quality (dict)."""
     latents, t_analysis = timed(repeat, latents_of, model, rgb, quality)
     shape = tuple(latents["y"].shape)
     segments, t_map, t_hyper_enc = coding_timed(model, repeat, latent_segments, model, latents, quality)
@@ -94,7 +94,7 @@ def measure(model, mid, rgb, quality, repeat):
         assert decoded.keys() == latents.keys() and all(torch.equal(decoded[k], latents[k]) for k in latents)
         row[coder] = {"enc_s": t_enc + t_map, "dec_s": t_dec}
     _, t_synthesis = timed(repeat, image_of, model, latents, *rgb.shape[:2], quality)
-    data, t_user_enc, t_user_dec = user_times(model, mid, rgb, quality, repeat)
+    data, t_user_enc, t_user_dec = user_times(model, mid, path, quality, repeat)
     row.update(file_bits=8 * len(data), payload_bits=8 * (len(data) - HEADER_BYTES),
                estimated_bits=estimated_bits(model, latents, quality), hyper_s=t_hyper_dec,
                analysis_s=t_analysis + t_hyper_enc, synthesis_s=t_synthesis + t_hyper_dec,
@@ -103,18 +103,16 @@ def measure(model, mid, rgb, quality, repeat):
     return row
 
 
-def user_times(model, mid, rgb, quality, repeat):
-    """(file bytes, encode s, decode s) as test.py runs them: compress + write the .qae; read it +
-    decompress + write a PNG (the default constriction coder)."""
+def user_times(model, mid, path, quality, repeat):
+    """(file bytes, encode s, decode s) as test.py runs them: read the image + compress + write the .qae;
+    read it + decompress + write a PNG (the default constriction coder)."""
     with tempfile.TemporaryDirectory() as tmp:
         qae, png = os.path.join(tmp, "x.qae"), os.path.join(tmp, "x.png")
-        _, t_enc = timed(repeat, lambda: atomic_write(qae, compress(model, mid, rgb, quality=quality)))
-        with open(qae, "rb") as f:
-            data = f.read()
+        (data, _), t_enc = timed(repeat, compress_file, model, mid, path, qae, quality)
 
         def decode():
             with open(qae, "rb") as f:
-                write_image(png, *decompress(model, mid, f.read()))
+                decompress_file(model, mid, f.read(), png)
 
         _, t_dec = timed(repeat, decode)
     return data, t_enc, t_dec
@@ -154,8 +152,8 @@ def report(rows, quality):
               f"{n / enc / 1e6:6.2f} / {n / dec / 1e6:6.2f} M symbols/s; share of the model's encode "
               f"{shares[0]:4.1f} %, decode {shares[1]:4.1f} %, both {shares[2]:4.1f} %")
     c = [(r["constriction"]["enc_s"], r["constriction"]["dec_s"], r["user_enc_s"], r["user_dec_s"]) for r in rows]
-    print(f"  constriction's share of the whole time as test.py runs it (file I/O and PNG writing included; "
-          f"{1e3 * med('user_enc_s'):.0f} / {1e3 * med('user_dec_s'):.0f} ms): encode "
+    print(f"  constriction's share of the whole time as test.py runs it (image reading, file I/O and PNG writing "
+          f"included; {1e3 * med('user_enc_s'):.0f} / {1e3 * med('user_dec_s'):.0f} ms): encode "
           f"{100 * np.median([e / ue for e, d, ue, ud in c]):.1f} %, decode {100 * np.median([d / ud for e, d, ue, ud in c]):.1f} %, "
           f"both {100 * np.median([(e + d) / (ue + ud) for e, d, ue, ud in c]):.1f} %")
     same = all(r["threads"][0] for r in rows)
@@ -183,10 +181,11 @@ def main(argv=None):
     mid = bytes.fromhex(ckpt["model_id"])
     print(f"{args.weights} (step {ckpt.get('step', '?')}), {torch.get_num_threads()} threads, "
           f"times: fastest of {args.repeat} runs; columns: encode / decode")
-    images = [read_image(path)[0] for path in paths]
+    images = [(path, read_image(path)[0]) for path in paths]
     same = True
     for quality in qualities:
-        rows = [measure(model, mid, rgb, quality, args.repeat) for rgb in tqdm(images, desc=f"quality {quality}", leave=False)]
+        rows = [measure(model, mid, path, rgb, quality, args.repeat)
+                for path, rgb in tqdm(images, desc=f"quality {quality}", leave=False)]
         same &= report(rows, quality)
     return 0 if same else 1
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 import metrics
-from codec import CODERS, FormatError, atomic_write, compress, decompress, read_image, unpack, write_image
+from codec import CODERS, FormatError, compress_file, decompress_file, read_image, unpack
 from encryption import ENV_VAR, decrypt, encrypt, is_encrypted, read_passphrase
 from dataset import list_images
 from model import keep_freed_memory, load_checkpoint, resolve_device
@@ -100,14 +100,11 @@ def find_weights(data, args):
     raise FormatError(f"no checkpoint in {folder}/ has the identity {wanted} that made this file (pass --weights)")
 
 
-def compress_file(model, mid, src, dst, args, passphrase=None):
+def compress_timed(model, mid, src, dst, args, passphrase=None):
     """Compress one image file to dst atomically (encrypted if a passphrase is given); (bytes, seconds, notices)."""
     t = time.perf_counter()
-    rgb, mode, alpha, notices = read_image(src)
-    data = compress(model, mid, rgb, mode, alpha, args.quality, args.coder)
-    if passphrase:
-        data = encrypt(data, passphrase)
-    atomic_write(dst, data)
+    seal = (lambda data: encrypt(data, passphrase)) if passphrase else None
+    data, notices = compress_file(model, mid, src, dst, args.quality, args.coder, seal)
     return data, time.perf_counter() - t, notices
 
 
@@ -118,13 +115,6 @@ def read_compressed(path, args, passphrase=None):
     if is_encrypted(data):
         data = decrypt(data, passphrase or read_passphrase(args.key_file))
     return data
-
-
-def decompress_file(model, mid, data, dst):
-    """Decompress a (decrypted) file's bytes to an image file, atomically; returns the RGB array."""
-    rgb, mode, alpha = decompress(model, mid, data)
-    write_image(dst, rgb, mode, alpha)
-    return rgb
 
 
 def shard(paths, spec):
@@ -157,7 +147,7 @@ def process_image(path):
     qae = os.path.join(args.compressed_dir, stem + ".qae")
     png = os.path.join(args.decompressed_dir, stem + ".png")
     try:
-        data, t_enc, notices = compress_file(model, mid, path, qae, args, passphrase)
+        data, t_enc, notices = compress_timed(model, mid, path, qae, args, passphrase)
         t = time.perf_counter()
         rgb = decompress_file(model, mid, read_compressed(qae, args, passphrase), png)
         t_dec = time.perf_counter() - t
@@ -232,7 +222,7 @@ def main(argv=None):
         if args.command == "compress":
             model, mid, _ = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
             passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
-            data, seconds, notices = compress_file(model, mid, args.input, args.output, args, passphrase)
+            data, seconds, notices = compress_timed(model, mid, args.input, args.output, args, passphrase)
             for n in notices:
                 print(f"note: {n}", file=sys.stderr)
             print(f"{args.output}: {len(data)} bytes in {seconds:.2f} s")
