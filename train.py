@@ -233,18 +233,37 @@ def validate(model, val, vgg, args):
     return totals
 
 
+def lineage(ckpt, path):
+    """The training stages that made a checkpoint: its own history, or one stage built from its recipe."""
+    if ckpt.get("history"):
+        return list(ckpt["history"])
+    return [{"stage": 1, "steps": ckpt.get("step"), "init": "unknown", "recipe": ckpt.get("recipe"), "file": path}]
+
+
+def this_stage(model, state, args, recipe):
+    """History entry of the current run (so an --init chain keeps every stage that led to a checkpoint)."""
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"CPU, {torch.get_num_threads()} threads")
+    return {"stage": len(state["earlier_stages"]) + 1, "where": where, "steps": state["step"],
+            "minutes": round(state["elapsed"] / 60, 1), "init": args.init or "fresh",
+            "lambdas": list(getattr(model.cfg, "lambdas", ())), "recipe": recipe}
+
+
 def save_all(model, opt, state, args):
     """Atomically write the resume state (weights + optimizer + RNG) and the shippable checkpoint."""
     if isinstance(model, RDModel):
         model.build_tables()
     recipe = {k: v for k, v in vars(args).items() if k not in ("resume",)}
+    history = state["earlier_stages"] + [this_stage(model, state, args, recipe)]
+    total = sum(h["steps"] for h in history if isinstance(h.get("steps"), int))
     save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), model, optimizer=opt.state_dict(),
-                    torch_rng=torch.get_rng_state(), recipe=recipe, **state)
+                    torch_rng=torch.get_rng_state(), recipe=recipe, history=history, total_steps=total, **state)
     # Shipped weights: fp32 for the small rd model (a later session may resume from it); int8 for the
     # ResNet seed models, whose fp16 file would pass 100 MB.
+    shipped = {k: v for k, v in state.items() if k != "earlier_stages"}
     save_checkpoint(os.path.join(args.out, f"{args.name}.pt"), model,
                     precision="fp32" if isinstance(model, RDModel) else "int8",
-                    recipe=recipe, **state)
+                    recipe=recipe, history=history, total_steps=total, **shipped)
 
 
 def setup_distributed(args):
@@ -298,6 +317,7 @@ def resume_or_init(model, opt, state, args):
             if ckpt["kind"] == model.cfg.kind:
                 model.build_tables()  # its own entropy model came along: only the tables are to rebuild
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        state["earlier_stages"] = lineage(ckpt, args.init)
         print(f"initialised from {args.init} (step {ckpt.get('step', '?')}), fresh optimizer")
     return model, opt, state
 
@@ -358,7 +378,7 @@ def setup(args):
     train_set, val_set = make_data(args)
     model = make_model(args).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0}
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0, "earlier_stages": []}
     model, opt, state = resume_or_init(model, opt, state, args)
     crops = lambda: torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device)  # noqa: E731
     if isinstance(model, RDModel) and state["step"] == 0 and not args.init and args.init_transforms == "haar":

@@ -62,6 +62,19 @@ def test_hyper_starts_from_an_rd_checkpoint(photos, tmp_path):
     assert torch.allclose(hp.gains(float(q_hp))[0], rd.gains(4.0)[0], rtol=1e-3)
 
 
+def test_init_keeps_the_lineage(photos, tmp_path):
+    """A run started with --init records the stages that led to its starting point and then its own."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert train("--arch", "rd", "--train-dir", photos, "--out", a, "--max-steps", "2", *TINY).returncode == 0
+    r = train("--arch", "rd", "--train-dir", photos, "--out", b, "--max-steps", "3", "--init", os.path.join(a, "rd.pt"), *TINY)
+    assert r.returncode == 0, r.stderr
+    first = torch.load(os.path.join(a, "rd.pt"), weights_only=False)
+    second = torch.load(os.path.join(b, "rd.pt"), weights_only=False)
+    assert [h["stage"] for h in first["history"]] == [1] and first["history"][0]["init"] == "fresh"
+    assert [h["steps"] for h in second["history"]] == [2, 3] and second["total_steps"] == 5
+    assert second["history"][1]["init"].endswith("rd.pt") and second["history"][1]["recipe"]["max_steps"] == 3
+    assert "earlier_stages" not in second  # the resume file's bookkeeping stays out of the shipped one
+
 
 def test_init_from_a_hyper_checkpoint_with_another_ladder(photos, tmp_path):
     """--init with the same kind but another λ ladder: every weight, the hyperprior included, is kept
