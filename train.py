@@ -357,6 +357,7 @@ class Run:
     rank: int
     world: int
     log_path: str
+    layout: torch.memory_format  # of the model and every batch, chosen once by training_layout
 
 
 def setup(args):
@@ -391,7 +392,8 @@ def setup(args):
         bits = model.fit_prior(crops())
         print(f"entropy model fitted to 64 training crops ({bits:.3f} bits per value"
               + (", hyperprior started as per-channel Gaussians)" if isinstance(model, HyperModel) else ")"))
-    model = model.to(memory_format=training_layout(args)).train()
+    layout = training_layout(args)
+    model = model.to(memory_format=layout).train()
     # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     cuda_amp = args.amp != "off" and args.device.startswith("cuda")
@@ -402,7 +404,7 @@ def setup(args):
     if rank == 0 and not os.path.exists(log_path):
         with open(log_path, "w") as f:
             f.write("step,epoch,minutes,lr,loss,mse,psnr,bpp,samples_per_s\n")
-    run = Run(model, net, opt, scaler, amp, vgg, rank, world, log_path)
+    run = Run(model, net, opt, scaler, amp, vgg, rank, world, log_path, layout)
     return run, state, train_set, val_set
 
 
@@ -418,7 +420,7 @@ def training_layout(args):
 
 def train_step(run, x, seeds, state, args, start):
     """One optimizer step on a batch; returns (loss, parts), or None when the batch was a loss spike."""
-    x = x.to(args.device, non_blocking=True).contiguous(memory_format=training_layout(args))
+    x = x.to(args.device, non_blocking=True).contiguous(memory_format=run.layout)
     quality, noise = sample_randomness(run.model, seeds, (args.crop // run.model.cfg.stride,) * 2)
     with run.amp:
         if quality is None:
