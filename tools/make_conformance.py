@@ -1,0 +1,106 @@
+"""Write the conformance corpus: small source images, .qae files of every shipped model, and a manifest.
+
+  python tools/make_conformance.py            # writes tests/conformance/
+
+The manifest holds, per file, the SHA-256 of the file, of its decoded image and of its decoded
+latents. tests/test_conformance.py checks that the current code decodes every file to the same
+pixels and re-encodes every current-version file to the same bytes. Regenerate only when a change
+of the format or of the shipped weights is intended.
+"""
+import argparse
+import hashlib
+import json
+import os
+import struct
+import sys
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import codec  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+
+# (name, source crop of images/kodim23.png: top, left, height, width; mode)
+SOURCES = [("rgb_64x48", 200, 300, 48, 64, "RGB"), ("odd_37x53", 100, 500, 53, 37, "RGB"),
+           ("gray_40x40", 250, 120, 40, 40, "L"), ("rgba_48x32", 60, 60, 32, 48, "RGBA"), ("dot_1x1", 10, 10, 1, 1, "RGB"),
+           ("rgb_256x192", 150, 250, 192, 256, "RGB")]
+# (weights, source, quality, coder, version)
+FILES = [("seed_resnet101.pt", "rgb_64x48", None, "constriction", 4),
+         ("seed_resnet101.pt", "gray_40x40", None, "arithmetic-compressor", 4),
+         ("rd.pt", "rgb_64x48", 1, "constriction", 4), ("rd.pt", "odd_37x53", 4.5, "constriction", 4),
+         ("rd.pt", "rgba_48x32", 8, "arithmetic-compressor", 4), ("rd.pt", "odd_37x53", 3, "constriction", 3),
+         ("hyper.pt", "rgb_64x48", 1, "constriction", 4), ("hyper.pt", "odd_37x53", 3.37, "constriction", 4),
+         ("hyper.pt", "gray_40x40", 8, "constriction", 4), ("hyper.pt", "rgba_48x32", 6, "arithmetic-compressor", 4),
+         ("hyper.pt", "dot_1x1", 2, "constriction", 4), ("hyper.pt", "rgb_64x48", 5, "constriction", 3),
+         ("rd.pt", "rgb_256x192", 8, "constriction", 4), ("hyper.pt", "rgb_256x192", 8, "constriction", 4),
+         ("hyper.pt", "rgb_256x192", 1.5, "constriction", 4)]
+
+
+def sha(data):
+    """Hex SHA-256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_digest(rgb, mode, alpha):
+    """SHA-256 of a decoded image: mode, RGB bytes and alpha bytes."""
+    return sha(mode.encode() + np.ascontiguousarray(rgb).tobytes() + (b"" if alpha is None else alpha.tobytes()))
+
+
+def make_sources(out):
+    """Crop the source images from images/kodim23.png (alpha: a gradient) and save them as PNG."""
+    with Image.open(os.path.join(ROOT, "images", "kodim23.png")) as im:
+        full = im.convert("RGB")
+    for name, top, left, h, w, mode in SOURCES:
+        crop = full.crop((left, top, left + w, top + h))
+        if mode == "L":
+            crop = crop.convert("L")
+        if mode == "RGBA":
+            crop.putalpha(Image.fromarray((np.add.outer(np.arange(h) * 5, np.arange(w) * 3) % 256).astype(np.uint8)))
+        crop.save(os.path.join(out, name + ".png"))
+
+
+def legacy(data, version, latent_bytes):
+    """The same file as an older format version with another payload (CRC recomputed)."""
+    header, _, alpha = codec.unpack(data)
+    body = codec.pack(header, latent_bytes, alpha)[:-4]
+    body = body[:3] + bytes([version]) + body[4:]
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def main(argv=None):
+    """Write sources, files and manifest.json into --out."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "tests", "conformance"), help="corpus folder")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    make_sources(args.out)
+    models, entries = {}, []
+    for weights, source, quality, coder, version in FILES:
+        if weights not in models:
+            model, ckpt = load_checkpoint(os.path.join(ROOT, "weights", weights))
+            models[weights] = model, bytes.fromhex(ckpt["model_id"])
+        model, mid = models[weights]
+        rgb, mode, alpha, _ = codec.read_image(os.path.join(args.out, source + ".png"))
+        data = codec.compress(model, mid, rgb, mode, alpha, quality, coder)
+        if version == 3:
+            data = legacy(data, 3, codec.range_coded_payload(model, rgb, quality))
+        name = f"{os.path.splitext(weights)[0]}_{source}_q{quality}_{coder[:5]}_v{version}.qae"
+        with open(os.path.join(args.out, name), "wb") as f:
+            f.write(data)
+        _, lat, _ = codec.read_latents(model, mid, data)
+        latent_sha = sha(b"".join(lat[k].numpy().astype(np.int32).tobytes() for k in sorted(lat)))
+        entries.append({"file": name, "source": source + ".png", "weights": weights, "quality": quality, "coder": coder,
+                        "version": version, "model_id": mid.hex(), "sha256_file": sha(data),
+                        "sha256_image": image_digest(*codec.decompress(model, mid, data)), "sha256_latents": latent_sha})
+        print(f"{name}: {len(data)} bytes")
+    with open(os.path.join(args.out, "manifest.json"), "w") as f:
+        json.dump(entries, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
