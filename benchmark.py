@@ -1,13 +1,14 @@
 """Rate–distortion and speed benchmark of our checkpoints against classic codecs (through Pillow).
 
-  python benchmark.py                                  # Kodak if ../shared/data/kodak exists, else images/
-  python benchmark.py --data DIR --out DIR --codecs ours,jpeg420,webp,avif \
-      --extra ../shared/anchors/compressai-kodak/*.json --anchor jpeg420
+  python benchmark.py --data KODAK --out results/kodak          # every codec on a folder of photos
+  python benchmark.py --data DIR --out DIR --codecs ours,jpeg420,webp,avif --extra published/*.json
+  python benchmark.py --out results/kodak --report-only           # rebuild the tables from OUT/*.json
 
 Writes to --out: one CompressAI-format JSON per codec, points.csv, rd_psnr.png, rd_msssim.png,
-bd_rates.md (BD-rate against --anchor, `bjontegaard` package, pchip) and visual.png (the same crop
-from every codec at nearly the same bpp). Results are cached per codec in OUT/cache/, so a re-run
-with one more codec only computes that one.
+bd_rates.md (BD-rate against --anchor, `bjontegaard` package, pchip), head_to_head.md (each of our
+models against each other codec over their common PSNR range) and visual.png (the same crop from
+every codec at nearly the same bpp). Results are cached per codec in OUT/cache/, so a re-run with
+one more codec only computes that one.
 
 Timing: classic codecs are timed in memory (PIL image → bytes → RGB array). Ours is timed like a
 user runs it: encode = compress + write the .qae file, decode = read it + decompress + write a PNG.
@@ -19,6 +20,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -29,11 +31,13 @@ from PIL import Image
 from tqdm import tqdm
 
 import metrics
-from codec import VERSION, atomic_write, compress, decompress, decompress_file, read_image
-from dataset import list_images
-from model import keep_freed_memory, load_checkpoint
+from checkpoint import load_checkpoint
+from codec import VERSION, compress, decompress, decompress_file
+from imagefiles import atomic_write, list_images, read_image
+from runtime import keep_freed_memory
 
-DEFAULT_DATA = os.path.join("..", "shared", "data", "kodak")
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the shipped weights are found from here
+
 MAX_PLOT_BPP = 2.0
 
 
@@ -67,6 +71,8 @@ CLASSIC = {
     "webp": ("WebP (method 6)", None, _pillow("WEBP", quality="Q", method=6), [2, 10, 25, 50, 75, 90, 98]),
     "avif": ("AVIF 4:4:4 (Pillow, speed 6)", None, _pillow("AVIF", quality="Q", speed=6, subsampling="4:4:4"),
              [10, 25, 40, 55, 70, 82, 92]),
+    "avif4": ("AVIF 4:4:4 (Pillow, speed 4)", None, _pillow("AVIF", quality="Q", speed=4, subsampling="4:4:4"),
+              [10, 25, 40, 55, 70, 82, 92]),
     "jxl": ("JPEG XL (effort 5)", "pillow_jxl", _pillow("JXL", quality="Q", effort=5), [10, 30, 50, 70, 85, 93, 98]),
     "heic": ("HEIC 4:4:4 (x265, preset fast)", "pillow_heif",
              lambda im, q: _pillow("HEIF", quality="Q", chroma=444, enc_params={"preset": "fast"})(im, q),
@@ -81,8 +87,8 @@ CLASSIC = {
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else "images",
-                   help="folder of test images (default: ../shared/data/kodak when present, else images/)")
+    p.add_argument("--data", default=os.path.join(ROOT, "images"),
+                   help="folder of test images (Kodak: see the README for where to get it)")
     p.add_argument("--out", default="benchmark_out", help="output folder")
     p.add_argument("--codecs", default="ours," + ",".join(CLASSIC),
                    help=f"comma-separated subset of: ours, {', '.join(CLASSIC)}")
@@ -96,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-cache", action="store_true", help="recompute every codec")
+    p.add_argument("--report-only", action="store_true",
+                   help="code nothing: rebuild points.csv, the plots and the tables from the JSONs already in --out")
     return p.parse_args(argv)
 
 
@@ -130,7 +138,7 @@ def our_points(path, images, qualities, tmp):
     """Per-quality rows of one of our checkpoints, timed with file I/O like test.py."""
     model, ckpt = load_checkpoint(path)
     mid = bytes.fromhex(ckpt["model_id"])
-    qualities = qualities if ckpt["kind"] in ("rd", "hyper") else [None]
+    qualities = model.ladder(qualities)
     qae, png = os.path.join(tmp, "x.qae"), os.path.join(tmp, "x.png")
 
     def encode(rgb, q):
@@ -177,8 +185,8 @@ def bd_rate(anchor, test):
                                               [p[1] for p in t], method="pchip", require_matching_points=False))
         except Exception as e:
             return None, f"not comparable ({type(e).__name__})"
-    overlap = [str(w.message) for w in caught if "overlap" in str(w.message)]
-    return value, ("PSNR ranges overlap too little: " + overlap[0].split(".")[0] if overlap else "")
+    overlap = [re.search(r"overlap: '([0-9.]+)'", str(w.message)) for w in caught if "overlap" in str(w.message)]
+    return value, (f"PSNR ranges overlap by {overlap[0].group(1) if overlap[0] else 'under 75'} %" if overlap else "")
 
 
 def load_extra(path):
@@ -213,10 +221,35 @@ def write_reports(curves, anchor_name, out):
                      f"| {min(r['bpp']):.3f} – {max(r['bpp']):.3f} | {note} |")
     table = "\n".join(lines)
     print(table)
-    with open(os.path.join(out, "bd_rates.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "ours.md"), "w") as f:
-        f.write(points_table([c for c in curves if c["name"].startswith("ours-")]))
+    ours = [c for c in curves if c["name"].startswith("ours-")]
+    duel = head_to_head(ours, [c for c in curves if not c["name"].startswith("ours-")])
+    print(duel)
+    atomic_write(os.path.join(out, "bd_rates.md"), (table + "\n").encode())
+    atomic_write(os.path.join(out, "head_to_head.md"), duel.encode())
+    atomic_write(os.path.join(out, "ours.md"), points_table(ours).encode())
+
+
+def head_to_head(ours, others):
+    """Markdown table: BD-rate of each of our curves against each other codec over their common PSNR range
+    (negative = ours needs fewer bits at equal PSNR)."""
+    lines = ["| codec | " + " | ".join(c["name"].removeprefix("ours-") for c in ours) + " |",
+             "|---|" + "---|" * len(ours)]
+    for other in others:
+        cells = []
+        for c in ours:
+            bd, note = bd_rate(other["results"], c["results"])
+            cells.append("n/a" if bd is None else f"{bd:+.1f} %" + (" *" if note else ""))
+        lines.append(f"| {other['description'] or other['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n* the two PSNR ranges overlap little: the figure covers that overlap only\n"
+
+
+def load_curves(out):
+    """The curves a previous run wrote to OUT/*.json (for --report-only)."""
+    curves = []
+    for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+        with open(path) as f:
+            curves.append(json.load(f))
+    return curves
 
 
 def points_table(curves):
@@ -309,52 +342,65 @@ def cached(out, name, key, compute, use_cache):
     return result
 
 
+def our_curves(args, images, image_key, coders):
+    """Curves of our checkpoints (--weights, default every shipped one); fills coders for the visual."""
+    weights = args.weights if args.weights is not None else sorted(
+        p for p in glob.glob(os.path.join(ROOT, "weights", "*.pt")) if not p.endswith("_resume.pt"))
+    qualities = [float(q) for q in args.qualities.split(",")]
+    curves = []
+    for path in weights:
+        model, ckpt = load_checkpoint(path)
+        cname = "ours-" + os.path.splitext(os.path.basename(path))[0]
+        # The format version is part of the key: a new bitstream changes sizes and speeds.
+        key = {"model_id": ckpt["model_id"], "format": VERSION, "qualities": qualities, "images": image_key}
+
+        def compute(path=path, cname=cname):
+            label, points, _ = our_points(path, images, qualities, os.path.join(args.out, "cache"))
+            return summarise(cname, label, points)
+
+        curves.append(cached(args.out, cname, key, compute, not args.no_cache))
+        mid = bytes.fromhex(ckpt["model_id"])
+        coders[cname] = lambda rgb, q, m=model, i=mid: decompress(m, i, compress(m, i, rgb, quality=q))[0]
+    return curves
+
+
+def classic_curve(args, name, images, image_key, coders):
+    """Curve of one classic codec (None when its Pillow plugin is missing); fills coders for the visual."""
+    label, plugin, encoder, qualities = CLASSIC[name]
+    if plugin and _plugin(plugin) is None:
+        print(f"skipping {name}: Pillow plugin {plugin!r} is not installed")
+        return None
+    key = {"qualities": qualities, "label": label, "images": image_key}
+    coders[name] = lambda rgb, q, e=encoder: np.asarray(Image.open(io.BytesIO(e(Image.fromarray(rgb), q))).convert("RGB"))
+    return cached(args.out, name, key, lambda: summarise(name, *classic_points(name, images)), not args.no_cache)
+
+
 def main(argv=None):
     """Run every requested codec over the data, then write JSONs, CSV, plots, BD-rates and the visual."""
     args = parse_args(argv)
+    extras = [load_extra(p) for p in args.extra]
+    if args.report_only:
+        write_reports(load_curves(args.out) + extras, args.anchor, args.out)
+        return 0
     keep_freed_memory()  # as test.py does, so our timings are what a user gets
     if args.threads:
         torch.set_num_threads(args.threads)
+    names = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    unknown = [n for n in names if n != "ours" and n not in CLASSIC]
+    if unknown:
+        sys.exit(f"error: unknown codec(s) {', '.join(unknown)} (choose from ours, {', '.join(CLASSIC)})")
     paths = list_images(args.data)[: args.limit or None]
     if not paths:
         sys.exit(f"error: no images in {args.data!r}")
     images = [(os.path.splitext(os.path.basename(p))[0], read_image(p)[0]) for p in paths]
     os.makedirs(args.out, exist_ok=True)
-    names = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    unknown = [n for n in names if n != "ours" and n not in CLASSIC]
-    if unknown:
-        sys.exit(f"error: unknown codec(s) {', '.join(unknown)} (choose from ours, {', '.join(CLASSIC)})")
-    image_key = [n for n, _ in images]
-    curves, coders = [], {}
+    image_key, curves, coders = [n for n, _ in images], [], {}
     for name in names:
-        if name == "ours":
-            weights = args.weights if args.weights is not None else sorted(
-                p for p in glob.glob(os.path.join("weights", "*.pt")) if not p.endswith("_resume.pt"))
-            qualities = [float(q) for q in args.qualities.split(",")]
-            for path in weights:
-                model, ckpt = load_checkpoint(path)
-                cname = "ours-" + os.path.splitext(os.path.basename(path))[0]
-                # The format version is part of the key: a new bitstream changes sizes and speeds.
-                key = {"model_id": ckpt["model_id"], "format": VERSION, "qualities": qualities, "images": image_key}
-
-                def compute(path=path):
-                    label, points, _ = our_points(path, images, qualities, os.path.join(args.out, "cache"))
-                    return summarise(cname, label, points)
-
-                curves.append(cached(args.out, cname, key, compute, not args.no_cache))
-                mid = bytes.fromhex(ckpt["model_id"])
-                coders[cname] = lambda rgb, q, m=model, i=mid: decompress(m, i, compress(m, i, rgb, quality=q))[0]
-            continue
-        label, plugin, encoder, qualities = CLASSIC[name]
-        if plugin and _plugin(plugin) is None:
-            print(f"skipping {name}: Pillow plugin {plugin!r} is not installed")
-            continue
-        key = {"qualities": qualities, "label": label, "images": image_key}
-        curves.append(cached(args.out, name, key, lambda: summarise(name, *classic_points(name, images)), not args.no_cache))
-        coders[name] = lambda rgb, q, e=encoder: np.asarray(Image.open(io.BytesIO(e(Image.fromarray(rgb), q))).convert("RGB"))
+        found = our_curves(args, images, image_key, coders) if name == "ours" else [
+            classic_curve(args, name, images, image_key, coders)]
+        curves += [c for c in found if c is not None]
     for c in curves:
         atomic_write(os.path.join(args.out, f"{c['name']}.json"), json.dumps(strict_json(c), indent=1).encode())
-    extras = [load_extra(p) for p in args.extra]
     write_reports(curves + extras, args.anchor, args.out)
     for c in curves:
         r = c["results"]

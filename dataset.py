@@ -1,33 +1,10 @@
-"""Image folders and random crops for training (OpenCV decoding and area resizing, cached in RAM)."""
-import os
-
+"""Random crops of photos for training (decoded once with imagefiles.read_rgb and kept in RAM; OpenCV resizing)."""
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
-
-
-def list_images(folder):
-    """Sorted paths of the image files under a folder (recursively)."""
-    paths = []
-    for root, _, files in os.walk(folder):
-        paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(paths)
-
-
-def read_rgb(path, max_side=None):
-    """Decode an image file to uint8 RGB (H, W, 3), area-downscaled so its long side ≤ max_side."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)  # grayscale files come back as 3 equal channels
-    if img is None:
-        raise ValueError(f"{path}: not a readable image")
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    h, w = img.shape[:2]
-    if max_side and max(h, w) > max_side:
-        s = max_side / max(h, w)
-        img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-    return img
+from imagefiles import read_rgb
 
 
 class CropDataset(Dataset):

@@ -4,7 +4,7 @@
   python metrics.py --originals A --reconstructions B --compressed C --json scores.json
 
 The metric functions here are the only implementation in the repository (benchmark.py and
-test.py call them). This module imports nothing of the project's.
+test.py call them); they are pure functions of their arguments. Files are read with imagefiles.py.
 """
 import argparse
 import json
@@ -14,16 +14,9 @@ import sys
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
+from imagefiles import IMAGE_EXTENSIONS, atomic_write, read_rgb
+
 PSNR_CAP = 100.0  # reported for identical images instead of +inf (keeps JSON valid)
-
-
-def load_rgb(path):
-    """Read an image file as uint8 RGB (H, W, 3), honouring EXIF orientation."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
 def psnr(a, b):
@@ -89,19 +82,20 @@ def mean_scores(rows):
 
 
 def write_results(path, rows):
-    """Per-image result rows to .csv or .json ({images, mean}), written to a temp file then renamed."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        if path.lower().endswith(".csv"):
-            import csv
+    """Per-image result rows to .csv or .json ({images, mean}), written atomically."""
+    import io
 
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            writer = csv.DictWriter(f, keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        else:
-            json.dump({"images": rows, "mean": mean_scores(rows)}, f, indent=1)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    if path.lower().endswith(".csv"):
+        import csv
+
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(text, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        json.dump({"images": rows, "mean": mean_scores(rows)}, text, indent=1)
+    atomic_write(path, text.getvalue().encode())
 
 
 def read_results(path):
@@ -172,7 +166,7 @@ def main(argv=None):
     for stem in pairs:
         size = os.path.getsize(compressed[stem]) if stem in compressed else None
         try:
-            row = {"image": stem, **score(load_rgb(originals[stem]), load_rgb(recons[stem]), size)}
+            row = {"image": stem, **score(read_rgb(originals[stem]), read_rgb(recons[stem]), size)}
         except (OSError, ValueError) as e:
             print(f"{stem:24s} skipped: {e}", file=sys.stderr)
             continue

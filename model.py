@@ -1,25 +1,57 @@
-"""The networks: the seed's ResNet auto-encoder and the rate–distortion (RD) model, one config each.
+"""The networks and their configs: the seed's ResNet auto-encoder, the rate–distortion (rd) model and
+its hyperprior variant (hyper).
 
-A checkpoint is one file `{kind, config, model, step, ...}`; `load_checkpoint` rebuilds the model
-from it alone. This module imports only quantize.py (and torch / torchvision).
+Every model class offers the same coding interface, which is all that codec.py and train.py use:
+
+  stride, latent_shape(h, w)           geometry of the latents
+  rate_param(quality) / quality_of(p)  the user's rate setting checked and normalised ↔ the header's integer
+  analyse(x) → u                       one image tile → analysis output (codec.py tiles large images)
+  latents(u, quality) → dict           the whole image's analysis output → integer latents {"y", …}
+  synthesize(y, quality) → x           one tile of integer latents → image (unclamped)
+  write_latents(latents, quality, encode) / read_latents(payload, shape, quality, open_decoder)
+                                       latents ↔ payload bytes; the entropy coder is passed in
+  estimated_bits(latents, quality)     the rate the model's own entropy model assigns
+  ladder(qualities)                    the rates a benchmark measures the model at
+
+and for training: forward, evaluate, loss, draw_randomness, validation_qualities, initialise,
+refit, adopt, build_tables / has_tables. This module imports only quantize.py (and torch /
+torchvision); checkpoint files are checkpoint.py's.
 """
-import ctypes
-import hashlib
 import math
-import os
+import struct
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from quantize import FactorizedPrior, GaussianConditional, quantize_bbit, ste_round
+from quantize import (PRECISION, DecodeError, FactorizedPrior, GaussianConditional, escape_segments, pmf_to_freqs,
+                      quantize_bbit,
+                      read_escapes, read_sparse, sparse_segments, ste_round)
 
 # CompressAI's λ for its qualities 1…8 (MSE): our quality knob uses the same numbering.
 LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
 # The hyperprior model's ladder starts lower (quality 1 lands under 0.1 bpp on Kodak) and steps ×2.33.
 HYPER_LAMBDAS = tuple(round(0.0004 * 375 ** (i / 7), 5) for i in range(8))
+
+
+def distortion(x, x_hat):
+    """Per-sample MSE of a reconstruction, and the logged parts {mse, psnr} (batch means)."""
+    mse = F.mse_loss(x_hat, x, reduction="none").mean(dim=(1, 2, 3))
+    return mse, {"mse": mse.mean().item(), "psnr": (-10 * torch.log10(mse.clamp_min(1e-10))).mean().item()}
+
+
+@torch.no_grad()
+def copy_matching(source, model, skip=()):
+    """Copy every same-named, same-shaped tensor of source into model (except `skip`); the names whose shape differs."""
+    target = model.state_dict()
+    for k, v in source.state_dict().items():
+        if k in target and target[k].shape == v.shape and k not in skip:
+            target[k].copy_(v)
+    return [k for k, v in source.state_dict().items() if k in target and target[k].shape != v.shape]
 
 
 # ----------------------------------------------------------------------------- seed model
@@ -91,7 +123,23 @@ class SeedDecoder(nn.Module):
         return self.net(v)
 
 
-class SeedAutoEncoder(nn.Module):
+class CodingModel(nn.Module):
+    """Base of every model: the geometry of its latents (the rest of the coding interface is per model,
+    see the module docstring)."""
+
+    SHIP_PRECISION = "fp32"  # how train.py stores the shippable checkpoint (checkpoint.pack_state)
+
+    @property
+    def stride(self):
+        """Pixels per latent along each side."""
+        return self.cfg.stride
+
+    def latent_shape(self, height, width):
+        """Shape (C, h, w) of the latents of an image (padded up to a multiple of the stride)."""
+        return (self.cfg.latent_channels, -(-height // self.stride), -(-width // self.stride))
+
+
+class SeedAutoEncoder(CodingModel):
     """The seed's quantized auto-encoder (no rate term: the rate is set by the latent size and B)."""
 
     def __init__(self, cfg):
@@ -100,10 +148,113 @@ class SeedAutoEncoder(nn.Module):
         self.encoder = SeedEncoder(cfg)
         self.decoder = SeedDecoder(cfg)
 
-    def forward(self, x, mode="noise"):
+    SHIP_PRECISION = "int8"  # a ResNet-101 checkpoint in fp16 would pass 100 MB
+
+    def forward(self, x, quality=None, noise=None, mode="noise"):
         """Training pass: encode, quantize in the given quantize_bbit mode (noise by default), decode."""
         v = quantize_bbit(self.encoder(x), self.cfg.bits, mode)
         return {"x_hat": self.decoder(v)}
+
+    # -- coding interface
+    def rate_param(self, quality=None):
+        """The header's rate field: B. The seed has no quality knob: its rate is set by the latent size and B."""
+        if quality is not None:
+            raise ValueError(f"the seed model has no quality setting (its rate is fixed by B = {self.cfg.bits} "
+                             "bits per latent); leave --quality out")
+        return self.cfg.bits
+
+    def quality_of(self, param):
+        """Inverse of rate_param (None); ValueError when the file's B is not this model's."""
+        if param != self.cfg.bits:
+            raise ValueError(f"B = {param}, model has B = {self.cfg.bits}")
+        return None
+
+    def ladder(self, qualities):
+        """The rates a benchmark measures: the seed has one."""
+        return [None]
+
+    def analyse(self, x):
+        """Image tile (1, 3, H, W) in [0, 1] → integer symbols 0 … 2**B (1, C, H/32, W/32)."""
+        return quantize_bbit(self.encoder(x), self.cfg.bits, "symbols")
+
+    def latents(self, u, quality=None):
+        """The whole image's symbols (C, h, w) → latents dict."""
+        return {"y": u}
+
+    def synthesize(self, y, quality=None):
+        """Tile of symbols (1, C, h, w) → image (1, 3, 32h, 32w), unclamped."""
+        return self.decoder(quantize_bbit(y, self.cfg.bits, "dequantize"))
+
+    def _table(self, symbols):
+        """Per-image static frequency table over the symbol range actually used: (lo, freqs)."""
+        counts = np.bincount(symbols.ravel(), minlength=2 ** self.cfg.bits + 1)
+        used = np.nonzero(counts)[0]
+        lo, hi = int(used[0]), int(used[-1])
+        return lo, pmf_to_freqs(counts[lo : hi + 1])
+
+    def write_latents(self, latents, quality, encode):
+        """Payload: the table (lo, n, freqs − 1 as u16), then encode() of the symbols under it."""
+        symbols = latents["y"].numpy()
+        lo, freqs = self._table(symbols)
+        table = struct.pack(">HH", lo, len(freqs)) + (freqs - 1).astype(">u2").tobytes()
+        return table + encode([(symbols.ravel() - lo, freqs)])
+
+    def read_latents(self, payload, shape, quality, open_decoder):
+        """Inverse of write_latents: {"y": int32 symbols (C, h, w)}; DecodeError for a bad table."""
+        if len(payload) < 4:
+            raise DecodeError("payload truncated (no frequency table)")
+        lo, n = struct.unpack_from(">HH", payload)
+        if n == 0 or lo + n > 2 ** self.cfg.bits + 1 or len(payload) < 4 + 2 * n:
+            raise DecodeError("payload corrupted (bad frequency table)")
+        freqs = np.frombuffer(payload, ">u2", n, 4).astype(np.int64) + 1
+        if freqs.sum() != 1 << PRECISION:
+            raise DecodeError("payload corrupted (frequency table does not sum to 2^16)")
+        s = open_decoder(payload[4 + 2 * n :]).take(freqs, int(np.prod(shape)))
+        return {"y": torch.from_numpy((s + lo).reshape(shape))}
+
+    def estimated_bits(self, latents, quality=None):
+        """Bits of the symbols under their own per-image table (the table itself not counted)."""
+        lo, freqs = self._table(latents["y"].numpy())
+        counts = np.bincount(latents["y"].numpy().ravel() - lo, minlength=len(freqs))
+        return float(-(counts * np.log2(freqs / 2.0 ** PRECISION)).sum())
+
+    def has_tables(self):
+        """Always: the seed's table is made per image and stored in the file."""
+        return True
+
+    def build_tables(self):
+        """Nothing to build (see has_tables)."""
+
+    # -- training interface
+    def draw_randomness(self, seeds, crop):
+        """Per-sample (quality, noise) of a training batch: the seed has neither."""
+        return None, None
+
+    def validation_qualities(self):
+        """The rates validation averages over: the seed's one."""
+        return [None]
+
+    def evaluate(self, x, quality=None):
+        """Validation pass with the coder's rounding."""
+        return self.forward(x, mode="ste")
+
+    def loss(self, x, out, quality=None):
+        """Training objective (MSE) and its logged parts."""
+        mse, parts = distortion(x, out["x_hat"])
+        return mse.mean(), parts
+
+    def initialise(self, crops):
+        """Start of a fresh run: the trunk's initialisation is train.py's (--pretrained); nothing to fit."""
+        return None
+
+    def refit(self, crops):
+        """No entropy model to fit."""
+        return None
+
+    @torch.no_grad()
+    def adopt(self, source):
+        """Copy every same-named, same-shaped tensor of another checkpoint's model; returns the names skipped."""
+        return copy_matching(source, self)
 
     def load_pretrained_trunk(self, path):
         """Initialise the encoder trunk from a local torchvision ResNet state_dict file."""
@@ -131,6 +282,11 @@ class RDConfig:
     lambdas: tuple = LAMBDAS
     table_step: float = 0.25  # entropy tables are stored for qualities 1, 1.25, …; others use the nearest
     kind: str = "rd"
+
+    @property
+    def latent_channels(self):
+        """Channels of the latents y (the name every config shares)."""
+        return self.M
 
     @property
     def stride(self):
@@ -187,7 +343,7 @@ def subpixel_conv(deconv):
     return nn.Sequential(conv, nn.PixelShuffle(2))
 
 
-class RDModel(nn.Module):
+class RDModel(CodingModel):
     """Ballé-style factorized-prior codec with one learned gain vector per quality (any rate)."""
 
     def __init__(self, cfg):
@@ -333,6 +489,113 @@ class RDModel(nn.Module):
         h = self.g_s[:-1](y_hat * ig)
         return subpixel_conv(self.g_s[-1]).to(memory_format=torch.channels_last)(h)
 
+    # -- coding interface
+    def rate_param(self, quality=None):
+        """The header's rate field: quality × 100 (files store the 0.01 grid); default the highest quality;
+        ValueError outside the trained range."""
+        if quality is None:
+            quality = self.num_qualities
+        if not 1 <= quality <= self.num_qualities:
+            raise ValueError(f"quality {quality} is outside this model's range 1 … {self.num_qualities}")
+        return round(quality * 100)
+
+    def quality_of(self, param):
+        """Inverse of rate_param: the quality every other method takes; ValueError outside the range."""
+        quality = param / 100
+        if not 1 <= quality <= self.num_qualities:
+            raise ValueError(f"quality {quality} outside 1 … {self.num_qualities}")
+        return quality
+
+    def ladder(self, qualities):
+        """The rates a benchmark measures: the requested qualities."""
+        return list(qualities)
+
+    def analyse(self, x):
+        """Image tile (1, 3, H, W) in [0, 1] → unscaled latents u (1, M, H/16, W/16)."""
+        return self.g_a(x)
+
+    @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
+    def latents(self, u, quality):
+        """The whole image's unscaled latents (M, h, w) → {"y": integer latents at the quality}."""
+        return {"y": self.quantize_latents(u[None], quality)[0]}
+
+    def synthesize(self, y, quality):
+        """Tile of integer latents (1, M, h, w) → image (1, 3, 16h, 16w), unclamped."""
+        return self.decode_latents(y, quality)
+
+    def write_latents(self, latents, quality, encode):
+        """Payload: every channel's symbols under the quality's table, then the escaped values."""
+        return encode(self.prior.segments(latents["y"], self.table_level(quality)))
+
+    def read_latents(self, payload, shape, quality, open_decoder):
+        """Inverse of write_latents: {"y": latents (M, h, w)}."""
+        return {"y": self.prior.read(open_decoder(payload), shape, self.table_level(quality))}
+
+    @torch.no_grad()
+    def estimated_bits(self, latents, quality):
+        """Bits the (float) entropy model assigns to a latents dict: the rate the model trains on."""
+        return float(sum(-torch.log2(lik).sum() for lik in self._likelihoods_of(latents, quality)))
+
+    def _likelihoods_of(self, latents, quality):
+        """Likelihoods of a latents dict (unbatched, on the CPU) on the model's device."""
+        return self.likelihoods(latents["y"][None].to(self.log_gain.device), quality)
+
+    # -- training interface
+    def draw_randomness(self, seeds, crop):
+        """Per-sample quality and quantization noise of a batch, drawn from each sample's own seed.
+
+        Keying randomness to the sample (not to the process) makes a resumed run, or the same global
+        batch split over several processes, draw exactly the same numbers.
+        """
+        qualities, noise = [], []
+        fixed = self.num_qualities == 2 and self.cfg.lambdas[0] == self.cfg.lambdas[1]
+        for s in seeds.tolist():
+            g = torch.Generator().manual_seed(int(s))
+            q = torch.rand(1, generator=g)
+            qualities.append(torch.ones(1) if fixed else 1 + q * (self.num_qualities - 1))
+            noise.append(torch.rand(self.latent_shape(crop, crop), generator=g) - 0.5)
+        return torch.cat(qualities), torch.stack(noise)
+
+    def validation_qualities(self):
+        """The qualities validation averages over: both ends and the middle."""
+        return [1.0, 4.5, float(self.num_qualities)]
+
+    def loss(self, x, out, quality):
+        """λ·255²·MSE + bpp per sample, weighted so that every quality pulls equally; and the logged parts."""
+        mse, parts = distortion(x, out["x_hat"])
+        bpp = sum(-torch.log2(lik).sum(dim=(1, 2, 3)) for lik in out["likelihoods"]) / (x.shape[2] * x.shape[3])
+        lam = self.lmbda(quality).to(x.device)
+        # Equalise the qualities' pull on the shared weights: high-λ samples would dominate the sum.
+        weight = (lam / self.lmbda(torch.tensor(4.5)).to(x.device)).rsqrt()
+        parts["bpp"] = bpp.mean().item()
+        return (weight * (lam * 255 ** 2 * mse + bpp)).mean(), parts
+
+    def initialise(self, crops):
+        """Start of a fresh run: transforms as a colour + Haar wavelet codec fitted to the crops; what was done."""
+        self.init_transforms(crops)
+        return "transforms initialised as a colour + Haar wavelet codec fitted to 64 training crops"
+
+    FIT_NOTE = ""  # what else refit does, for its message
+
+    def refit(self, crops):
+        """Fit the entropy model alone to training crops (a model started from another kind has none); what was done."""
+        bits = self.fit_prior(crops)
+        return f"entropy model fitted to {len(crops)} training crops ({bits:.3f} bits per value{self.FIT_NOTE})"
+
+    @torch.no_grad()
+    def adopt(self, source):
+        """Copy every same-named, same-shaped tensor of another model (e.g. rd → hyper); the gain vectors are
+        re-interpolated in log λ when the quality ladders differ. Returns the names skipped."""
+        skipped = copy_matching(source, self, skip=("log_gain", "log_igain"))
+        old = torch.log(torch.tensor(source.cfg.lambdas))
+        new = torch.log(torch.tensor(self.cfg.lambdas))
+        i = (torch.searchsorted(old, new) - 1).clamp(0, len(old) - 2)  # segment, extrapolated at the ends
+        t = ((new - old[i]) / (old[i + 1] - old[i])).view(-1, 1)
+        for name in ("log_gain", "log_igain"):
+            v = getattr(source, name)
+            getattr(self, name).copy_(torch.lerp(v[i], v[i + 1], t.to(v)))
+        return skipped
+
 
 @dataclass
 class HyperConfig(RDConfig):
@@ -375,6 +638,21 @@ def int_conv(layer, a, frac):
     return acc, shift + frac
 
 
+# Latents whose scale index is below SPARSE_LEVELS (scale 0.11) are ~40 % of a Kodak image's at
+# quality 4 and nearly all zero (measured: 1 in 100 … 3,000 is ±1): they are coded as the positions
+# and values of their few nonzeros, not one coder symbol each, which saves that share of the
+# decoding time and, measured, no bytes (files equal or smaller than one symbol each).
+SPARSE_LEVELS = 1
+
+
+def take_sparse(counts):
+    """Number of the sparse-coded latents (the first SPARSE_LEVELS groups); their counts are zeroed in place,
+    since they are not coded one symbol each under the Gaussian tables."""
+    n = int(counts[:SPARSE_LEVELS].sum())
+    counts[:SPARSE_LEVELS] = 0
+    return n
+
+
 class HyperModel(RDModel):
     """The RD model with a scale hyperprior (Ballé et al. 2018): side latents z = h_a(|u|) of the unscaled
     latents u, coded with a factorized prior, predict every latent's Gaussian scale through h_s.
@@ -383,6 +661,8 @@ class HyperModel(RDModel):
     table index, so symbol probabilities are bit-identical on every machine. z does not depend on the
     quality; the quality's gain shifts the predicted log-scale per channel.
     """
+
+    FIT_NOTE = ", hyperprior started as per-channel Gaussians"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -407,6 +687,49 @@ class HyperModel(RDModel):
         log_scale = self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]]  # z is rounded up in size
         y_lik = self.gaussian.likelihood(y_tilde, torch.exp(log_scale) * g)
         return {"x_hat": self.g_s(ste_round(y) * ig), "likelihoods": [y_lik, z_lik]}
+
+    @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
+    def latents(self, u, quality):
+        """The whole image's unscaled latents (M, h, w) → {"y": integer latents, "z": integer side latents}.
+        h_a runs on the whole latent image (1/16 of the pixels), in strips (side_latents), not in tiles."""
+        return {"y": self.quantize_latents(u[None], quality)[0], "z": self.side_latents(u[None])[0]}
+
+    def _groups(self, z_hat, quality, size):
+        """Order that groups latents (M, *size) by their integer scale index, and the count per index."""
+        index = self.scale_index(z_hat[None], quality, size)[0].reshape(-1)
+        # A stable sort's order is unique, so torch's (parallel, radix) sort gives every machine the same groups.
+        levels, order = torch.sort(index, stable=True)
+        bounds = np.searchsorted(levels.numpy(), np.arange(GaussianConditional.LEVELS + 1, dtype=levels.numpy().dtype))
+        return order.numpy(), np.diff(bounds)
+
+    def write_latents(self, latents, quality, encode):
+        """Payload: z under its factorized prior, the smallest-scale latents sparsely, the others grouped by
+        scale index under their Gaussian tables, then the escaped values."""
+        y, z = latents["y"], latents["z"]
+        order, counts = self._groups(z, quality, y.shape[1:])
+        grouped, n_sparse = y.numpy().reshape(-1)[order], take_sparse(counts)
+        sym, escaped = self.gaussian.to_symbols(grouped[n_sparse:], counts)
+        groups = np.split(sym, np.cumsum(counts)[:-1])
+        return encode(self.prior.segments(z, 0) + sparse_segments(grouped[:n_sparse])
+                      + list(zip(groups, self.gaussian.tables())) + escape_segments(escaped))
+
+    def read_latents(self, payload, shape, quality, open_decoder):
+        """Inverse of write_latents: {"y": latents (M, h, w), "z": side latents}."""
+        dec = open_decoder(payload)
+        z = self.prior.read(dec, self.side_shape(shape), 0)
+        order, counts = self._groups(z, quality, shape[1:])
+        n_sparse = take_sparse(counts)
+        y = np.zeros(len(order), np.float32)
+        positions, values = read_sparse(dec, n_sparse)
+        y[order[positions]] = values
+        symbols = np.concatenate([dec.take(t, int(n)) for t, n in zip(self.gaussian.tables(), counts)])
+        y[order[n_sparse:]] = self.gaussian.from_symbols(symbols, counts, lambda count: read_escapes(dec, count))
+        return {"y": torch.from_numpy(y.reshape(shape)), "z": z}
+
+    def _likelihoods_of(self, latents, quality):
+        """Likelihoods of a latents dict (unbatched, on the CPU) on the model's device."""
+        device = self.log_gain.device
+        return self.likelihoods(latents["y"][None].to(device), quality, latents["z"][None].to(device))
 
     def side_shape(self, shape):
         """Shape of the side latents z for latents of shape (M, h, w): h_a halves each side twice, rounding up."""
@@ -509,7 +832,7 @@ class HyperModel(RDModel):
             return self.prior.fit(z * scale)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- registry
 KINDS = {"seed": (SeedConfig, SeedAutoEncoder), "rd": (RDConfig, RDModel), "hyper": (HyperConfig, HyperModel)}
 
 
@@ -524,122 +847,3 @@ def build_model(config):
     known = cfg_cls.__dataclass_fields__
     cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known})
     return model_cls(cfg)
-
-
-def model_id(state_dict):
-    """Short identity of a set of weights (and tables): first 4 bytes of a SHA-256 over all tensors."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(t.to(torch.float32).numpy().tobytes() if t.is_floating_point() else t.numpy().tobytes())
-    return h.digest()[:4]
-
-
-INT8_SCALE = ".int8_scale"  # suffix of the per-channel scale stored beside an int8 weight
-
-
-def pack_state(state, precision="fp32"):
-    """Weights as stored in a file: fp32, fp16, or int8 with an fp16 scale per output channel.
-
-    int8 applies to weight tensors of 4096+ values (convolutions); the rest stays fp16. It halves the
-    ResNet seed checkpoint again (fp16 would exceed 100 MB) for a loss the README reports.
-    """
-    out = {}
-    for k, v in state.items():
-        if not v.is_floating_point() or precision == "fp32":
-            out[k] = v
-        elif precision == "int8" and v.dim() >= 2 and v.numel() >= 4096:
-            scale = v.abs().amax(dim=tuple(range(1, v.dim())), keepdim=True).clamp_min(1e-12) / 127
-            out[k] = torch.round(v / scale).to(torch.int8)
-            out[k + INT8_SCALE] = scale.half()
-        else:
-            out[k] = v.half()
-    return out
-
-
-def unpack_state(state):
-    """Inverse of pack_state: every floating tensor (and int8 weight) back to float32."""
-    out = {}
-    for k, v in state.items():
-        if k.endswith(INT8_SCALE):
-            continue
-        if v.dtype == torch.int8 and k + INT8_SCALE in state:
-            out[k] = v.float() * state[k + INT8_SCALE].float()
-        else:
-            out[k] = v.float() if v.is_floating_point() else v
-    return out
-
-
-def save_checkpoint(path, model, precision="fp32", **extra):
-    """Write {kind, config, model, model_id, **extra} atomically (temp file, then rename)."""
-    state = pack_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, precision)
-    ckpt = {"kind": model.cfg.kind, "config": asdict(model.cfg), "model": state, "precision": precision,
-            "model_id": model_id(state).hex(), **extra}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def keep_freed_memory():
-    """Let glibc keep freed memory for the next tensor instead of unmapping it (Linux; else a no-op).
-
-    By default each large block is a fresh mmap, so every big activation of a network pays a page
-    fault per 4 KiB page on first touch: measured on this project's 2-core VM, that cost a Kodak
-    decode ~40 % of its time. Returns whether the setting took.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from <malloc.h>
-    mmap_ok = any(libc.mallopt(m_mmap_threshold, v) for v in (1 << 30, 1 << 25))  # glibcs differ in the max
-    return bool(mmap_ok and libc.mallopt(m_trim_threshold, 1 << 30))
-
-
-def resolve_device(name):
-    """torch.device for a --device flag, or ValueError saying why it cannot be used here."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: not a device name (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name}: no CUDA device is available")
-        if (device.index or 0) >= count:
-            raise ValueError(f"--device {name}: there are only {count} CUDA device(s)")
-    return device
-
-
-def load_checkpoint(path, device="cpu"):
-    """Rebuild the model from a checkpoint file alone; returns (model in eval mode, checkpoint dict)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path}: not a checkpoint of this project (no config / model)")
-    model = build_model(ckpt["config"])
-    if isinstance(model, RDModel):
-        if "prior.starts" not in ckpt["model"] and ckpt["kind"] == "rd":  # one shared table (old): rebuild
-            ckpt["model"] = {k: v for k, v in ckpt["model"].items() if k.split(".")[-1] not in ("freqs", "offsets", "lengths")}
-        # Tables are empty buffers until built; size them to what the file holds.
-        for name, buf in list(model.named_buffers()):
-            owner, _, attr = name.rpartition(".")
-            if name in ckpt["model"] and buf.numel() == 0:
-                setattr(model.get_submodule(owner), attr, torch.zeros_like(ckpt["model"][name]))
-    state = unpack_state(ckpt["model"])
-    if isinstance(model, RDModel):
-        state.update({k: v for k, v in model.named_buffers() if k not in state})  # tables not built yet
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the config ({str(e).splitlines()[0]})") from None
-    ckpt.setdefault("model_id", model_id(ckpt["model"]).hex())
-    return model.to(device).eval(), ckpt

@@ -1,13 +1,18 @@
 """Quantizers and entropy models.
 
-Two kinds of latent coding live here and nowhere else:
+The latent coding lives here and nowhere else:
 
 * the seed's B-bit clamp quantizer (`quantize_bbit`), whose rate is fixed by the latent size and B;
 * a learned factorized prior (`FactorizedPrior`, Ballé et al. 2018, one density per channel) that
   gives the rate term of the rate–distortion model and, once trained, the integer frequency tables
   the entropy coder uses (`FactorizedPrior.build_tables`);
 * a zero-mean Gaussian conditional (`GaussianConditional`) for latents whose scale a hyperprior
-  predicts, with integer tables for 64 log-spaced scales.
+  predicts, with integer tables for 64 log-spaced scales;
+* the codes of integers beyond the tables (Exp-Golomb escapes) and of mostly-zero values (sparse),
+  written as symbol segments under fixed tables.
+
+Models turn latents into (symbols, integer frequencies) segments with these; the entropy coders of
+codec.py turn segments into bytes.
 
 The density is learned for unscaled latents and stretched by a per-level scale (the rd model's
 per-quality gains), so one density gives exact bin probabilities at every rate. Integer tables
@@ -29,6 +34,10 @@ PRECISION = 16  # bits of the integer frequency tables: every table sums to 2**P
 TAIL_MASS = 1e-6  # probability left outside a channel's table on each side (coded by an escape)
 MAX_HALF_RANGE = 1023  # a channel's table never spans more than 2 * MAX_HALF_RANGE + 1 symbols
 LIKELIHOOD_BOUND = 1e-9  # floor of likelihoods, keeps -log2 finite during training
+
+
+class DecodeError(ValueError):
+    """Symbols that no valid payload holds (a corrupted file); the message says what is wrong."""
 
 
 def quantize_bbit(v, bits, mode="noise"):
@@ -193,6 +202,17 @@ class FactorizedPrior(nn.Module):
         count that reads them) back to float32 latent values."""
         return values_of(s, *self.channel_tables(level), escaped)
 
+    def segments(self, v, level=0):
+        """(symbols, frequencies) segments of integer values v (C, h, w) at a level: one per channel, then
+        the escaped values."""
+        sym, escaped = self.to_symbols(v.cpu().numpy(), level)
+        return [(sym[c].ravel(), table) for c, table in enumerate(self.tables(level))] + escape_segments(escaped)
+
+    def read(self, dec, shape, level=0):
+        """Inverse of segments, from a decoder with take(freqs, n): values (C, h, w) as a float32 tensor."""
+        symbols = np.stack([dec.take(t, shape[1] * shape[2]) for t in self.tables(level)]).reshape(shape)
+        return torch.from_numpy(self.from_symbols(symbols, level, lambda count: read_escapes(dec, count)))
+
     def channel_tables(self, level):
         """Offset and escape symbol (length − 1) of every channel's table at a level, shaped (C, 1, 1)."""
         offsets, lengths = self.offsets[level].cpu().numpy(), self.lengths[level].cpu().numpy()
@@ -309,8 +329,76 @@ def values_of(s, offsets, escapes, escaped=()):
     n = np.count_nonzero(out)
     escaped = escaped(n) if callable(escaped) else escaped
     if n != len(escaped):
-        raise ValueError("number of escaped values does not match the escape symbols")
+        raise DecodeError("payload corrupted (number of escaped values does not match the escape symbols)")
     v = np.add(s, offsets, out=s)
     if n:
         v[out] = escaped
     return v.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- integers beyond the tables
+# Escaped latents are rare (< 1e-6 of the mass per side), so a plain Exp-Golomb code is enough:
+# the prefix length under a uniform table of 32, then the bits below the leading one.
+EG_LENGTHS = np.full(32, 1 << (PRECISION - 5), np.int64)
+EG_BITS = np.full(2, 1 << (PRECISION - 1), np.int64)
+# Prefix lengths favouring short codes (P(n) ~ 2^-(n+1)), for the small numbers of sparse coding.
+EG_SHORT = np.maximum((1 << (PRECISION - 1)) >> np.arange(32), 1)
+EG_SHORT[0] += (1 << PRECISION) - EG_SHORT.sum()
+
+
+def _bit_shifts(n):
+    """For Exp-Golomb codes of n[i] payload bits each, written back to back: each bit's shift, MSB first."""
+    starts = np.cumsum(n) - n
+    return np.repeat(starts + n - 1, n) - np.arange(int(n.sum()))
+
+
+def escape_segments(values, lengths=EG_LENGTHS):
+    """Exp-Golomb segments (lengths, bits) of escaped integer latent values (zigzag-mapped, signed);
+    `lengths` is the table of the prefix (code length) symbols."""
+    v = np.asarray(values, np.int64)
+    z = np.where(v >= 0, 2 * v, -2 * v - 1) + 1
+    n = (np.frexp(z.astype(np.float64))[1] - 1).astype(np.int64)  # exact: |z| < 2**53
+    if len(n) and n.max() >= len(lengths):
+        raise ValueError("a latent value is too large to code (|value| ≥ 2**30)")
+    bits = (np.repeat(z, n) >> _bit_shifts(n)) & 1
+    return [(n, lengths), (bits, EG_BITS)]
+
+
+def read_escapes(dec, count, lengths=EG_LENGTHS):
+    """Inverse of escape_segments: the next `count` escaped values from a SymbolDecoder."""
+    if count == 0:  # the usual case, and a few array operations saved per group
+        return np.zeros(0, np.int64)
+    n = dec.take(lengths, count).astype(np.int64)
+    bits = dec.take(EG_BITS, int(n.sum())).astype(np.int64)
+    owner = np.repeat(np.arange(count), n)
+    z = (np.int64(1) << n) + np.bincount(owner, weights=bits << _bit_shifts(n), minlength=count).astype(np.int64)
+    return np.where(z % 2 == 1, (z - 1) // 2, -(z // 2))
+
+
+def _gap_shift(n, count):
+    """Low bits of each gap written raw (Rice-style): about log2 of the mean gap, from what both sides know."""
+    return max(int(n // (count + 1)).bit_length() - 1, 0)
+
+
+def sparse_segments(values):
+    """Segments of mostly-zero integer values: the number of nonzeros, the gaps between them (high part
+    Exp-Golomb, low bits raw), their values."""
+    nz = np.flatnonzero(values)
+    gaps, k = np.diff(nz, prepend=-1) - 1, _gap_shift(len(values), len(nz))
+    low = (np.repeat(gaps, k) >> np.tile(np.arange(k - 1, -1, -1), len(gaps))) & 1
+    return (escape_segments([len(nz)]) + escape_segments(gaps >> k, EG_SHORT) + [(low, EG_BITS)]
+            + escape_segments(np.rint(values[nz]), EG_SHORT))
+
+
+def read_sparse(dec, n):
+    """Inverse of sparse_segments for n values, from a SymbolDecoder: (positions, values) of the nonzeros."""
+    count = int(read_escapes(dec, 1)[0])
+    if not 0 <= count <= n:
+        raise DecodeError("payload corrupted (sparse count out of range)")
+    k = _gap_shift(n, count)
+    high = read_escapes(dec, count, EG_SHORT)
+    low = dec.take(EG_BITS, count * k).astype(np.int64).reshape(count, k) << np.arange(k - 1, -1, -1)
+    positions = np.cumsum((high << k) + low.sum(axis=1) + 1) - 1
+    if count and (positions.min() < 0 or positions[-1] >= n):
+        raise DecodeError("payload corrupted (sparse position out of range)")
+    return positions, read_escapes(dec, count, EG_SHORT)

@@ -16,12 +16,14 @@ import time
 import torch
 
 import metrics
-from codec import CODERS, FormatError, compress_file, decompress_file, read_image, unpack
+from checkpoint import load_checkpoint
+from codec import CODERS, FormatError, compress_file, decompress_file, unpack
 from encryption import ENV_VAR, decrypt, encrypt, is_encrypted, read_passphrase
-from dataset import list_images
-from model import keep_freed_memory, load_checkpoint, resolve_device
+from imagefiles import list_images, read_image
+from runtime import keep_freed_memory, resolve_device
 
-DEFAULT_WEIGHTS = os.path.join("weights", "hyper.pt")
+ROOT = os.path.dirname(os.path.abspath(__file__))  # shipped weights and sample images are found from here
+DEFAULT_WEIGHTS = os.path.join(ROOT, "weights", "hyper.pt")
 
 
 def parse_args(argv=None):
@@ -30,7 +32,8 @@ def parse_args(argv=None):
     common.add_argument("--weights", default=None,
                         help=f"checkpoint to use (default: {DEFAULT_WEIGHTS} to compress; to decompress, the "
                              "checkpoint in --weights-dir whose identity the file names)")
-    common.add_argument("--weights-dir", default="weights", help="where to look for the checkpoint a file names")
+    common.add_argument("--weights-dir", default=os.path.join(ROOT, "weights"),
+                        help="where to look for the checkpoint a file names")
     common.add_argument("--quality", type=float, default=None,
                         help="rd / hyper models: quality 1 (smallest) … 8 (best), fractions allowed; default: highest")
     common.add_argument("--coder", default="constriction", choices=CODERS, help="entropy coder written into new files")
@@ -43,7 +46,7 @@ def parse_args(argv=None):
     common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=[common])
-    p.add_argument("--images", default="images", help="folder mode: folder of images to compress")
+    p.add_argument("--images", default=os.path.join(ROOT, "images"), help="folder mode: folder of images to compress")
     p.add_argument("--compressed-dir", default="compressed_folder", help="folder mode: where NAME.qae files go")
     p.add_argument("--decompressed-dir", default="decompressed_folder", help="folder mode: where NAME.png files go")
     p.add_argument("--workers", type=int, default=1,
@@ -76,7 +79,7 @@ def load_model(path, device):
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path} not found (train one with train.py or pass --weights)")
     model, ckpt = load_checkpoint(path, device)
-    if model.cfg.kind in ("rd", "hyper") and not model.has_tables():
+    if not model.has_tables():
         raise ValueError(f"{path}: {model.cfg.kind} checkpoint without entropy tables (save it with train.py)")
     return model, bytes.fromhex(ckpt["model_id"]), ckpt
 
@@ -185,8 +188,9 @@ def run_folder(args):
             return 0
     weights = args.weights or DEFAULT_WEIGHTS
     model, mid, ckpt = load_model(weights, args.device)
+    quality = model.quality_of(model.rate_param(args.quality))  # checked before any image is read
     print(f"model {weights} ({ckpt['kind']}, id {mid.hex()}, step {ckpt.get('step', '?')})"
-          + (f", quality {args.quality or model.num_qualities}" if ckpt["kind"] in ("rd", "hyper") else ""))
+          + (f", quality {quality:g}" if quality is not None else ""))
     passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
     print(f"{'image':20s} {'size':>10s} {'bytes':>8s} {'bpp':>7s} {'PSNR':>7s} {'enc s':>6s} {'dec s':>6s}")
     rows, failed, t0 = [], [], time.perf_counter()

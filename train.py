@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import CropDataset, list_images, split_paths
-from model import (HyperConfig, HyperModel, RDConfig, RDModel, SeedConfig, build_model, keep_freed_memory, load_checkpoint,
-                   resolve_device, save_checkpoint)
+from checkpoint import load_checkpoint, save_checkpoint
+from dataset import CropDataset, split_paths
+from imagefiles import list_images
+from model import HyperConfig, RDConfig, SeedConfig, build_model
+from runtime import keep_freed_memory, resolve_device
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192),
@@ -48,22 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-ratio", type=float, default=0.05, help="final LR as a share of the peak (cosine decay)")
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
-    p.add_argument("--rd-channels", default=None, help="rd / hyper model: override the preset's channels as N,M (hidden, latent) or, hyper, N,M,H (+ hyper channels)")
-    p.add_argument("--init-transforms", default="haar", choices=("haar", "random"),
-                   help="rd model, fresh runs: start the transforms as a colour + Haar wavelet codec fitted to "
-                        "training crops (fast convergence) or from PyTorch's random init")
-    p.add_argument("--bits", type=int, default=8, help="seed model: bits per latent value B")
-    p.add_argument("--seed-noise", action="store_true",
-                   help="seed model: train with the seed README's biased Gaussian noise instead of uniform noise")
-    p.add_argument("--quality", type=float, default=0,
-                   help="rd model: train only this quality (1…8); 0 = all qualities at once (one model, every rate)")
-    p.add_argument("--perceptual-weight", type=float, default=0.0,
-                   help="seed model: weight of the VGG-19 perceptual loss; needs --vgg-weights")
-    p.add_argument("--vgg-weights", default=None, help="local torchvision VGG-19 state_dict for the perceptual loss")
-    p.add_argument("--pretrained", default=None, help="seed model: local torchvision ResNet state_dict to initialise the trunk")
+    add_model_args(p.add_argument_group("model"))
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (images are cached in RAM, 0 is usually fastest)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--out", default="weights", help="folder for checkpoints and logs")
+    p.add_argument("--out", default=None,
+                   help="folder for checkpoints and logs (default: runs/NAME; the shipped weights/ are never the default)")
     p.add_argument("--name", default=None, help="run name (default: the preset); files are OUT/NAME.pt, OUT/NAME_resume.pt")
     p.add_argument("--ckpt-minutes", type=float, default=5, help="also checkpoint every this many minutes")
     p.add_argument("--log-every", type=int, default=50, help="log a line every this many steps")
@@ -78,6 +69,23 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision on CUDA")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p.parse_args(argv)
+
+
+def add_model_args(g):
+    """The flags of one model kind or another (the preset itself is --arch)."""
+    g.add_argument("--rd-channels", default=None, help="rd / hyper model: override the preset's channels as N,M (hidden, latent) or, hyper, N,M,H (+ hyper channels)")
+    g.add_argument("--init-transforms", default="haar", choices=("haar", "random"),
+                   help="rd model, fresh runs: start the transforms as a colour + Haar wavelet codec fitted to "
+                        "training crops (fast convergence) or from PyTorch's random init")
+    g.add_argument("--bits", type=int, default=8, help="seed model: bits per latent value B")
+    g.add_argument("--seed-noise", action="store_true",
+                   help="seed model: train with the seed README's biased Gaussian noise instead of uniform noise")
+    g.add_argument("--quality", type=float, default=0,
+                   help="rd model: train only this quality (1…8); 0 = all qualities at once (one model, every rate)")
+    g.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="seed model: weight of the VGG-19 perceptual loss; needs --vgg-weights")
+    g.add_argument("--vgg-weights", default=None, help="local torchvision VGG-19 state_dict for the perceptual loss")
+    g.add_argument("--pretrained", default=None, help="seed model: local torchvision ResNet state_dict to initialise the trunk")
 
 
 def make_model(args):
@@ -125,7 +133,7 @@ def make_data(args):
 def vgg_loss_fn(args, device):
     """L1 distance of VGG-19 features[:36] (the seed's perceptual loss), or None when off."""
     if args.perceptual_weight <= 0:
-        if args.vgg_weights is None:
+        if args.vgg_weights is None and args.arch in SEED_ARCHS:
             print("perceptual loss off (weight 0; a VGG needs a local --vgg-weights file)")
         return None
     if args.vgg_weights is None:
@@ -142,40 +150,11 @@ def vgg_loss_fn(args, device):
 
 
 def compute_loss(model, x, out, quality, vgg, args):
-    """Training objective and its parts: seed = MSE (+ VGG); rd = λ·255²·MSE + bpp per sample."""
-    mse = F.mse_loss(out["x_hat"], x, reduction="none").mean(dim=(1, 2, 3))
-    parts = {"mse": mse.mean().item(), "psnr": (-10 * torch.log10(mse.clamp_min(1e-10))).mean().item()}
-    if "likelihoods" not in out:
-        loss = mse.mean()
-        if vgg is not None:
-            loss = loss + args.perceptual_weight * vgg(out["x_hat"], x)
-        return loss, parts
-    num_pixels = x.shape[2] * x.shape[3]
-    bpp = sum(-torch.log2(lik).sum(dim=(1, 2, 3)) for lik in out["likelihoods"]) / num_pixels
-    lam = model.lmbda(quality).to(x.device)
-    # Equalise the qualities' pull on the shared weights: high-λ samples would dominate the sum.
-    weight = (lam / model.lmbda(torch.tensor(4.5)).to(x.device)).rsqrt()
-    loss = (weight * (lam * 255 ** 2 * mse + bpp)).mean()
-    parts["bpp"] = bpp.mean().item()
+    """The model's training objective and its parts, plus the VGG perceptual term when one is loaded."""
+    loss, parts = model.loss(x, out, quality)
+    if vgg is not None:
+        loss = loss + args.perceptual_weight * vgg(out["x_hat"], x)
     return loss, parts
-
-
-def sample_randomness(model, seeds, latent_hw):
-    """Per-sample quality and quantization noise of the rd model, drawn from each sample's own seed.
-
-    Keying randomness to the sample (not to the process) makes a resumed run, or the same global
-    batch split over several processes, draw exactly the same numbers.
-    """
-    if not isinstance(model, RDModel):
-        return None, None
-    qualities, noise = [], []
-    fixed = model.num_qualities == 2 and model.cfg.lambdas[0] == model.cfg.lambdas[1]
-    for s in seeds.tolist():
-        g = torch.Generator().manual_seed(int(s))
-        q = torch.rand(1, generator=g)
-        qualities.append(torch.ones(1) if fixed else 1 + q * (model.num_qualities - 1))
-        noise.append(torch.rand((model.cfg.M, *latent_hw), generator=g) - 0.5)
-    return torch.cat(qualities), torch.stack(noise)
 
 
 def steps_per_epoch(dataset, args):
@@ -223,11 +202,10 @@ def validate(model, val, vgg, args):
     """Mean validation loss and parts, with real rounding (eval mode), at a few fixed qualities."""
     model.eval()
     x = torch.stack([val[i] for i in range(len(val))]).to(args.device)
-    qualities = [1.0, 4.5, float(model.num_qualities)] if isinstance(model, RDModel) else [None]
-    totals = {}
+    qualities, totals = model.validation_qualities(), {}
     for q in qualities:
         quality = None if q is None else torch.full((len(x),), q)
-        out = model(x, mode="ste") if quality is None else model.evaluate(x, quality)
+        out = model.evaluate(x, quality)
         loss, parts = compute_loss(model, x, out, quality, vgg, args)
         for k, v in {"loss": loss.item(), **parts}.items():
             totals[k] = totals.get(k, 0) + v / len(qualities)
@@ -253,18 +231,14 @@ def this_stage(model, state, args, recipe):
 
 def save_all(model, opt, state, args):
     """Atomically write the resume state (weights + optimizer + RNG) and the shippable checkpoint."""
-    if isinstance(model, RDModel):
-        model.build_tables()
+    model.build_tables()
     recipe = {k: v for k, v in vars(args).items() if k not in ("resume",)}
     history = state["earlier_stages"] + [this_stage(model, state, args, recipe)]
     total = sum(h["steps"] for h in history if isinstance(h.get("steps"), int))
     save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), model, optimizer=opt.state_dict(),
                     torch_rng=torch.get_rng_state(), recipe=recipe, history=history, total_steps=total, **state)
-    # Shipped weights: fp32 for the small rd model (a later session may resume from it); int8 for the
-    # ResNet seed models, whose fp16 file would pass 100 MB.
     shipped = {k: v for k, v in state.items() if k != "earlier_stages"}
-    save_checkpoint(os.path.join(args.out, f"{args.name}.pt"), model,
-                    precision="fp32" if isinstance(model, RDModel) else "int8",
+    save_checkpoint(os.path.join(args.out, f"{args.name}.pt"), model, precision=model.SHIP_PRECISION,
                     recipe=recipe, history=history, total_steps=total, **shipped)
 
 
@@ -310,38 +284,20 @@ def resume_or_init(model, opt, state, args):
         print(f"no {resume_path} yet: starting fresh")
     elif args.init:
         source, ckpt = load_checkpoint(args.init, args.device)
-        if asdict(source.cfg) == asdict(model.cfg) or not isinstance(model, RDModel):
+        if asdict(source.cfg) == asdict(model.cfg):
             model = source
         else:
             print(f"{args.init} is a {ckpt['kind']!r} model with another config: copying the weights that fit "
                   f"the new {model.cfg.kind!r} model")
-            transfer_weights(source, model)
+            skipped = model.adopt(source)
+            if skipped:
+                print(f"not copied (shape differs): {', '.join(skipped)}")
             if ckpt["kind"] == model.cfg.kind:
                 model.build_tables()  # its own entropy model came along: only the tables are to rebuild
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         state["earlier_stages"] = lineage(ckpt, args.init)
         print(f"initialised from {args.init} (step {ckpt.get('step', '?')}), fresh optimizer")
     return model, opt, state
-
-
-@torch.no_grad()
-def transfer_weights(source, model):
-    """Copy every same-named, same-shaped tensor of source into model (e.g. rd → hyper); the gain
-    vectors are re-interpolated in log λ when the two quality ladders differ."""
-    target = model.state_dict()
-    skipped = [k for k, v in source.state_dict().items() if k in target and target[k].shape != v.shape]
-    for k, v in source.state_dict().items():
-        if k in target and target[k].shape == v.shape and k not in ("log_gain", "log_igain"):
-            target[k].copy_(v)
-    old = torch.log(torch.tensor(source.cfg.lambdas))
-    new = torch.log(torch.tensor(model.cfg.lambdas))
-    i = (torch.searchsorted(old, new) - 1).clamp(0, len(old) - 2)  # segment, extrapolated at the ends
-    t = ((new - old[i]) / (old[i + 1] - old[i])).view(-1, 1)
-    for name in ("log_gain", "log_igain"):
-        v = getattr(source, name)
-        getattr(model, name).copy_(torch.lerp(v[i], v[i + 1], t.to(v)))
-    if skipped:
-        print(f"not copied (shape differs): {', '.join(skipped)}")
 
 
 @dataclass
@@ -358,11 +314,15 @@ class Run:
     world: int
     log_path: str
     layout: torch.memory_format  # of the model and every batch, chosen once by training_layout
+    forward_kwargs: dict  # extra arguments of every training pass (the seed's --seed-noise)
 
 
 def setup(args):
     """Device, process group, data, model (fresh, resumed or initialised), optimizer; returns (Run, state, data)."""
     args.name = args.name or (f"seed_{args.arch}" if args.arch in SEED_ARCHS else args.arch)
+    args.out = args.out or os.path.join("runs", args.name)
+    if args.seed_noise and args.arch not in SEED_ARCHS:
+        sys.exit("error: --seed-noise applies to the seed models (resnet18/34/50/101) only")
     args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)
     keep_freed_memory()
     if args.threads:
@@ -383,15 +343,7 @@ def setup(args):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0, "earlier_stages": []}
     model, opt, state = resume_or_init(model, opt, state, args)
-    crops = lambda: torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device)  # noqa: E731
-    if isinstance(model, RDModel) and state["step"] == 0 and not args.init and args.init_transforms == "haar":
-        model.init_transforms(crops())
-        print("transforms initialised as a colour + Haar wavelet codec fitted to 64 training crops")
-    elif isinstance(model, RDModel) and state["step"] == 0 and args.init and (args.refit_prior or not model.prior.has_tables()):
-        # A model initialised from another kind (rd → hyper) has no entropy model of its own yet.
-        bits = model.fit_prior(crops())
-        print(f"entropy model fitted to 64 training crops ({bits:.3f} bits per value"
-              + (", hyperprior started as per-channel Gaussians)" if isinstance(model, HyperModel) else ")"))
+    start_model(model, state, args, train_set)
     layout = training_layout(args)
     model = model.to(memory_format=layout).train()
     # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.
@@ -404,8 +356,23 @@ def setup(args):
     if rank == 0 and not os.path.exists(log_path):
         with open(log_path, "w") as f:
             f.write("step,epoch,minutes,lr,loss,mse,psnr,bpp,samples_per_s\n")
-    run = Run(model, net, opt, scaler, amp, vgg, rank, world, log_path, layout)
+    run = Run(model, net, opt, scaler, amp, vgg, rank, world, log_path, layout,
+              {"mode": "seed_noise"} if args.seed_noise else {})
     return run, state, train_set, val_set
+
+
+def start_model(model, state, args, train_set):
+    """A fresh run: the model's own initialisation; an --init run: fit the entropy model when it has none."""
+    crops = lambda: torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device)  # noqa: E731
+    if state["step"] == 0 and not args.init and args.init_transforms == "haar":
+        done = model.initialise(crops())
+        if done:
+            print(done)
+    elif state["step"] == 0 and args.init and (args.refit_prior or not model.has_tables()):
+        # A model initialised from another kind (rd → hyper) has no entropy model of its own yet.
+        done = model.refit(crops())
+        if done:
+            print(done)
 
 
 def training_layout(args):
@@ -421,12 +388,9 @@ def training_layout(args):
 def train_step(run, x, seeds, state, args, start):
     """One optimizer step on a batch; returns (loss, parts), or None when the batch was a loss spike."""
     x = x.to(args.device, non_blocking=True).contiguous(memory_format=run.layout)
-    quality, noise = sample_randomness(run.model, seeds, (args.crop // run.model.cfg.stride,) * 2)
+    quality, noise = run.model.draw_randomness(seeds, args.crop)
     with run.amp:
-        if quality is None:
-            out = run.net(x, mode="seed_noise" if args.seed_noise else "noise")
-        else:
-            out = run.net(x, quality, noise.to(args.device))
+        out = run.net(x, quality, None if noise is None else noise.to(args.device), **run.forward_kwargs)
         loss, parts = compute_loss(run.model, x, out, quality, run.vgg, args)
     loss_value, state["elapsed"] = synced([loss.item(), time.time() - start], run.rank, run.world)
     ema = state["loss_ema"] or loss_value

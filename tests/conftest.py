@@ -9,7 +9,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model import HyperConfig, RDConfig, SeedConfig, build_model, save_checkpoint  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+from model import HyperConfig, RDConfig, SeedConfig, build_model  # noqa: E402
 
 TINY_RD = RDConfig(N=16, M=24)
 TINY_HYPER = HyperConfig(N=16, M=24, H=8)

@@ -6,12 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from codec import (CODERS, HEADER_BYTES, RANGE_CODER, SPARSE_LEVELS, FormatError, SymbolDecoder, compress, decompress,
-                   entropy_decode, entropy_encode, escape_segments, estimated_bits, latent_segments, latents_of, pack,
-                   payload_latents, read_escapes, read_latents, unpack)
+from checkpoint import load_checkpoint
+from codec import (CODERS, HEADER_BYTES, RANGE_CODER, FormatError, SymbolDecoder, compress, decompress, encoder_of,
+                   entropy_decode, entropy_encode, latents_of, pack, read_latents, unpack)
 from conftest import TINY_RD, photo_like
-from model import build_model, load_checkpoint
+from model import SPARSE_LEVELS, build_model
+from quantize import escape_segments, read_escapes
 import metrics
+
+
+def payload_round_trip(model, latents, quality, coder):
+    """Latents → the model's payload → latents, with one entropy coder."""
+    payload = model.write_latents(latents, quality, encoder_of(coder))
+    return model.read_latents(payload, tuple(latents["y"].shape), quality, lambda data: SymbolDecoder(data, coder))
 
 
 @pytest.fixture(scope="module", params=["rd", "hyper"])
@@ -122,7 +129,7 @@ def test_file_bits_match_estimated_bits(rd):
     y = latents_of(model, rgb, 4)
     data = compress(model, mid, rgb, quality=4)
     payload_bits = 8 * (len(data) - HEADER_BYTES)
-    assert abs(payload_bits / estimated_bits(model, y, 4) - 1) < 0.01
+    assert abs(payload_bits / model.estimated_bits(y, 4) - 1) < 0.01
 
 
 def test_quality_out_of_range(rd):
@@ -184,8 +191,7 @@ def test_latents_outside_the_tables_are_not_clamped(rd, quality):
     for v in latents.values():
         v[0, 0, 0], v[1, 0, 1], v[-1, -1, -1] = 3000, -4000, 1e6
     for coder in CODERS:
-        payload = entropy_encode(latent_segments(model, latents, quality), coder)
-        decoded = payload_latents(model, payload, tuple(latents["y"].shape), quality, coder)
+        decoded = payload_round_trip(model, latents, quality, coder)
         assert decoded.keys() == latents.keys() and all(torch.equal(decoded[k], latents[k]) for k in latents)
 
 
@@ -205,8 +211,7 @@ def test_sparse_smallest_scale_latents_round_trip(hyper_ckpt):
         y[torch.from_numpy(rng.permutation(y.numel())[:n_nonzero])] = torch.from_numpy(rng.integers(-9, 10, n_nonzero)).float()
         lat = {"y": y.view(latents["y"].shape), "z": latents["z"]}
         for coder in CODERS:
-            payload = entropy_encode(latent_segments(model, lat, 2.0), coder)
-            decoded = payload_latents(model, payload, tuple(lat["y"].shape), 2.0, coder)
+            decoded = payload_round_trip(model, lat, 2.0, coder)
             assert all(torch.equal(decoded[k], lat[k]) for k in lat)
 
 
@@ -227,7 +232,7 @@ def test_range_coded_files_of_format_3_still_decode(ckpt, request):
     mid, rgb = bytes.fromhex(ckpt_dict["model_id"]), photo_like(40, 56, 2)
     data = compress(model, mid, rgb, quality=3)
     header, _, _ = unpack(data)
-    legacy = pack(header, entropy_encode(latent_segments(model, latents_of(model, rgb, 3), 3), RANGE_CODER))
+    legacy = pack(header, model.write_latents(latents_of(model, rgb, 3), 3, lambda segs: entropy_encode(segs, RANGE_CODER)))
     body = legacy[:3] + b"\x03" + legacy[4:-4]
     legacy = body + struct.pack(">I", zlib.crc32(body))
     assert unpack(legacy)[0]["coder"] == RANGE_CODER and legacy != data

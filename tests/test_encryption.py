@@ -10,7 +10,7 @@ from PIL import Image
 from codec import compress, decompress
 from conftest import ROOT, photo_like
 from encryption import CLEAR, OVERHEAD, DecryptionError, decrypt, encrypt
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 FAST = dict(log2_n=4, r=1, p=1)  # weak KDF settings, only to keep the byte-flip loop fast
 

@@ -16,7 +16,8 @@ from PIL import Image
 import codec
 from codec import FormatError, compress, decompress
 from conftest import ROOT, TINY_RD, photo_like
-from model import build_model, load_checkpoint
+from checkpoint import load_checkpoint
+from model import build_model
 
 FUZZ_CASES = 3000
 

@@ -46,8 +46,10 @@ def odd_images(tmp_path_factory):
 def test_folder_mode_and_metrics(ckpt, odd_images, tmp_path, request):
     weights = request.getfixturevalue(ckpt)
     comp, dec = tmp_path / "c", tmp_path / "d"
-    r = run("test.py", "--weights", weights, "--images", str(odd_images), "--compressed-dir", str(comp),
-            "--decompressed-dir", str(dec), "--quality", "3")
+    folder = ("--weights", weights, "--images", str(odd_images), "--compressed-dir", str(comp), "--decompressed-dir", str(dec))
+    if ckpt == "seed_ckpt":  # the seed has no quality knob: asking for one is an error, not silently ignored
+        assert one_line_error(run("test.py", *folder, "--quality", "3")) and not comp.exists()
+    r = run("test.py", *folder, *(("--quality", "3") if ckpt != "seed_ckpt" else ()))
     assert r.returncode == 0, r.stderr
     assert "mean (10)" in r.stdout and "only the first is compressed" in r.stderr
     for name in os.listdir(odd_images):
@@ -121,6 +123,7 @@ def test_workers_and_shards_cover_the_folder_once(rd_ckpt, tmp_path):
 
 def test_plot_training_chains_phases(tmp_path):
     """Two phases of a run (the second started with --init) are drawn end to end, steps continued."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
     import plot_training
 
     head = "step,epoch,minutes,lr,loss,mse,psnr,bpp,samples_per_s\n"
@@ -133,7 +136,7 @@ def test_plot_training_chains_phases(tmp_path):
     rows, val, bounds = plot_training.chain(logs, [str(tmp_path / f"p{i}" / "losses.txt") for i in range(2)], "rd")
     assert [r["step"] for r in rows] == [10, 20, 25, 35] and [r["minutes"] for r in rows] == [1, 2, 3, 4]
     assert [v[0] for v in val] == [20, 35] and bounds == [2.0]
-    r = run("plot_training.py", *logs, "--out", str(tmp_path / "t.png"))
+    r = run("tools/plot_training.py", *logs, "--out", str(tmp_path / "t.png"))
     assert r.returncode == 0 and (tmp_path / "t.png").stat().st_size > 1000
 
 
@@ -142,13 +145,13 @@ def test_gpu_check_runs_on_any_device(hyper_ckpt, tmp_path):
     says clearly when the device does not exist."""
     Image.fromarray(photo_like(40, 56, 3)).save(tmp_path / "a.png")
     out = tmp_path / "check.json"
-    r = run("gpu_check.py", "--weights", hyper_ckpt, "--images", str(tmp_path), "--qualities", "1,8",
+    r = run("tools/gpu_check.py", "--weights", hyper_ckpt, "--images", str(tmp_path), "--qualities", "1,8",
             "--device", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr
     figures = json.loads(out.read_text())
     pairs = [v for v in figures.values() if isinstance(v, dict)]
     assert len(pairs) == 2 and all(v["same_file"] and v["max_pixel_diff_cpu_vs_device_decode"] == 0 for v in pairs)
-    assert one_line_error(run("gpu_check.py", "--weights", hyper_ckpt, "--device", "cuda:99"))
+    assert one_line_error(run("tools/gpu_check.py", "--weights", hyper_ckpt, "--device", "cuda:99"))
 
 
 @pytest.mark.parametrize("ckpt", ["rd_ckpt", "hyper_ckpt"])
@@ -158,8 +161,8 @@ def test_coding_report_measures_both_coders(ckpt, tmp_path, request):
     weights = request.getfixturevalue(ckpt)
     for i in range(2):
         Image.fromarray(photo_like(40, 56, i)).save(tmp_path / f"{i}.png")
-    r = run("coding_report.py", "--weights", weights, "--data", str(tmp_path), "--quality", "1", "3", "--repeat", "1")
+    r = run("tools/coding_report.py", "--weights", weights, "--data", str(tmp_path), "--quality", "1", "3", "--repeat", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("symbols identical in 2/2 images") == 2
     assert r.stdout.count("arithmetic-compressor") == 2 and "share of the whole time" in r.stdout
-    assert one_line_error(run("coding_report.py", "--weights", weights, "--data", str(tmp_path), "--quality", "99"))
+    assert one_line_error(run("tools/coding_report.py", "--weights", weights, "--data", str(tmp_path), "--quality", "99"))

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, photo_like
-from model import HyperConfig, build_model, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import HyperConfig, build_model
 
 TINY = ["--rd-channels", "8,8", "--crop", "32", "--batch-size", "2", "--warmup", "2", "--threads", "1"]
 
@@ -141,7 +142,8 @@ def test_two_gloo_processes_match_one_process(photos, tmp_path):
 def test_int8_storage_is_close_and_compact(tmp_path):
     """Seed checkpoints store big weights as int8 + per-channel scale: within ~half a step, ~4× smaller."""
     from conftest import TINY_SEED
-    from model import build_model, save_checkpoint
+    from checkpoint import save_checkpoint
+    from model import build_model
 
     torch.manual_seed(0)
     model = build_model(TINY_SEED).eval()

@@ -87,7 +87,10 @@ def main(argv=None):
         rgb, mode, alpha, _ = codec.read_image(os.path.join(args.out, source + ".png"))
         data = codec.compress(model, mid, rgb, mode, alpha, quality, coder)
         if version == 3:
-            data = legacy(data, 3, codec.range_coded_payload(model, rgb, quality))
+            q = model.quality_of(model.rate_param(quality))
+            range_coded = model.write_latents(codec.latents_of(model, rgb, q), q,
+                                              lambda segs: codec.entropy_encode(segs, codec.RANGE_CODER))
+            data = legacy(data, 3, range_coded)
         name = f"{os.path.splitext(weights)[0]}_{source}_q{quality}_{coder[:5]}_v{version}.qae"
         with open(os.path.join(args.out, name), "wb") as f:
             f.write(data)

@@ -1,7 +1,7 @@
 """Entropy-coding figures of an rd or hyper checkpoint: rate honesty, coder speed, its share of the time, determinism.
 
-  python coding_report.py                                   # weights/hyper.pt on Kodak (or images/), qualities 1, 4, 8
-  python coding_report.py --weights W --data DIR --quality 6 --limit 8
+  python tools/coding_report.py --data DIR                 # weights/hyper.pt, qualities 1, 4, 8
+  python tools/coding_report.py --weights W --data DIR --quality 6 --limit 8
 
 Per image and quality it measures, with the file written and read like test.py does:
   * file bits vs the bits the model's float prior estimates (rate honesty) and the header overhead;
@@ -21,24 +21,25 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-from tqdm import tqdm
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from codec import (CODERS, HEADER_BYTES, check_quality, compress_file, decompress_file, entropy_encode, estimated_bits,
-                   image_of, latent_segments, latents_of, payload_latents, read_image, read_latents)
-from dataset import list_images
-from model import HyperModel, keep_freed_memory, load_checkpoint
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-DEFAULT_DATA = os.path.join("..", "shared", "data", "kodak")
+from checkpoint import load_checkpoint  # noqa: E402
+from codec import (CODERS, HEADER_BYTES, SymbolDecoder, compress_file, decompress_file, entropy_encode,  # noqa: E402
+                   image_of, latents_of, read_latents)
+from imagefiles import list_images, read_image  # noqa: E402
+from runtime import keep_freed_memory  # noqa: E402
 
 
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=os.path.join("weights", "hyper.pt"), help="rd or hyper checkpoint")
-    p.add_argument("--data", default=DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else "images",
-                   help="folder of images (default: ../shared/data/kodak when present, else images/)")
+    p.add_argument("--weights", default=os.path.join(ROOT, "weights", "hyper.pt"), help="rd or hyper checkpoint")
+    p.add_argument("--data", default=os.path.join(ROOT, "images"), help="folder of images (e.g. Kodak)")
     p.add_argument("--quality", type=float, nargs="+", default=[1, 4, 8], help="qualities to code at")
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
     p.add_argument("--repeat", type=int, default=3, help="runs per timed step; the fastest counts")
@@ -66,7 +67,7 @@ def coding_timed(model, repeat, fn, *args):
         spent.append(time.perf_counter() - t)
         return out
 
-    if isinstance(model, HyperModel):
+    if inner is not None:
         model.scale_index = clocked  # an instance attribute: shadows the method for this measurement only
     try:
         best = (math.inf, 0.0)
@@ -81,22 +82,34 @@ def coding_timed(model, repeat, fn, *args):
     return (out, *best)
 
 
+def segments_of(model, latents, quality):
+    """The (symbols, frequencies) segments a model hands to the entropy coder for its latents."""
+    segments = []
+    model.write_latents(latents, quality, lambda segs: segments.extend(segs) or b"")
+    return segments
+
+
+def decoded_latents(model, payload, shape, quality, coder):
+    """The latents a model reads back from a payload with one coder."""
+    return model.read_latents(payload, shape, quality, lambda data: SymbolDecoder(data, coder))
+
+
 def measure(model, mid, path, rgb, quality, repeat):
     """Figures of one image (its file and its pixels) at one quality (dict)."""
     latents, t_analysis = timed(repeat, latents_of, model, rgb, quality)
     shape = tuple(latents["y"].shape)
-    segments, t_map, t_hyper_enc = coding_timed(model, repeat, latent_segments, model, latents, quality)
+    segments, t_map, t_hyper_enc = coding_timed(model, repeat, segments_of, model, latents, quality)
     row = {"symbols": sum(len(s) for s, f in segments if len(f) > 1)}
     for coder in CODERS:
         runs = repeat if coder == "constriction" else 1
         payload, t_enc = timed(runs, entropy_encode, segments, coder)
-        decoded, t_dec, t_hyper_dec = coding_timed(model, runs, payload_latents, model, payload, shape, quality, coder)
+        decoded, t_dec, t_hyper_dec = coding_timed(model, runs, decoded_latents, model, payload, shape, quality, coder)
         assert decoded.keys() == latents.keys() and all(torch.equal(decoded[k], latents[k]) for k in latents)
         row[coder] = {"enc_s": t_enc + t_map, "dec_s": t_dec}
     _, t_synthesis = timed(repeat, image_of, model, latents, *rgb.shape[:2], quality)
     data, t_user_enc, t_user_dec = user_times(model, mid, path, quality, repeat)
     row.update(file_bits=8 * len(data), payload_bits=8 * (len(data) - HEADER_BYTES),
-               estimated_bits=estimated_bits(model, latents, quality), hyper_s=t_hyper_dec,
+               estimated_bits=model.estimated_bits(latents, quality), hyper_s=t_hyper_dec,
                analysis_s=t_analysis + t_hyper_enc, synthesis_s=t_synthesis + t_hyper_dec,
                user_enc_s=t_user_enc, user_dec_s=t_user_dec)
     row["threads"] = thread_difference(model, mid, data)
@@ -175,7 +188,7 @@ def main(argv=None):
     if args.repeat < 1:
         sys.exit("error: --repeat must be at least 1")
     try:
-        qualities = [check_quality(model, q) for q in args.quality]
+        qualities = [model.quality_of(model.rate_param(q)) for q in args.quality]
     except ValueError as e:
         sys.exit(f"error: {e}")
     mid = bytes.fromhex(ckpt["model_id"])

@@ -1,6 +1,6 @@
 """Shrink a folder of training photos into a small copy (e.g. to upload it to a GPU machine).
 
-  python prepare_photos.py ../shared/data/train data/train272      # short side ≤ 272 px, WebP q90
+  python tools/prepare_photos.py PHOTOS data/train272      # short side ≤ 272 px, WebP q90
 
 Every photo is area-downscaled so its short side is at most --short-side (smaller ones are kept at
 their size) and re-encoded; train.py's own random 0.5–1 downscale then hides the re-encoding. This is
@@ -10,12 +10,15 @@ import argparse
 import os
 import sys
 
-import cv2
-from tqdm import tqdm
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from dataset import list_images
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-ENCODERS = {"webp": cv2.IMWRITE_WEBP_QUALITY, "jpg": cv2.IMWRITE_JPEG_QUALITY}
+from imagefiles import atomic_write, list_images, read_rgb  # noqa: E402
+
+FORMATS = {"webp": "WEBP", "jpg": "JPEG"}
 
 
 def parse_args(argv=None):
@@ -24,18 +27,16 @@ def parse_args(argv=None):
     p.add_argument("src", help="folder of photos (searched recursively)")
     p.add_argument("dst", help="output folder (created); files are numbered 0000.webp, 0001.webp, … in sorted order")
     p.add_argument("--short-side", type=int, default=272, help="largest short side in pixels (crops of 256 still fit)")
-    p.add_argument("--format", default="webp", choices=tuple(ENCODERS), help="output format")
+    p.add_argument("--format", default="webp", choices=tuple(FORMATS), help="output format")
     p.add_argument("--quality", type=int, default=90, help="encoder quality 1–100")
     return p.parse_args(argv)
 
 
 def shrink(img, short_side):
-    """Area-downscale an image so its short side is at most short_side."""
-    h, w = img.shape[:2]
-    s = short_side / min(h, w)
-    if s >= 1:
-        return img
-    return cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+    """Area-downscale an RGB array so its short side is at most short_side; a PIL image."""
+    im = Image.fromarray(img)
+    s = short_side / min(im.size)
+    return im if s >= 1 else im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BOX)
 
 
 def main(argv=None):
@@ -47,13 +48,13 @@ def main(argv=None):
     os.makedirs(args.dst, exist_ok=True)
     total = 0
     for i, path in enumerate(tqdm(paths, desc="photos")):
-        img = cv2.imread(path, cv2.IMREAD_COLOR)  # grayscale files come back as 3 equal channels
-        if img is None:
-            print(f"skipped {path}: not a readable image", file=sys.stderr)
+        try:
+            im = shrink(read_rgb(path), args.short_side)
+        except ValueError as e:
+            print(f"skipped: {e}", file=sys.stderr)
             continue
         out = os.path.join(args.dst, f"{i:04d}.{args.format}")
-        if not cv2.imwrite(out, shrink(img, args.short_side), [ENCODERS[args.format], args.quality]):
-            sys.exit(f"error: could not write {out}")
+        atomic_write(out, lambda f, im=im: im.save(f, format=FORMATS[args.format], quality=args.quality))
         total += os.path.getsize(out)
     print(f"{len(paths)} photos → {args.dst} ({total / 1e6:.1f} MB)")
 

@@ -1,7 +1,7 @@
 """Plot a training run over wall-clock time: loss, bpp and PSNR (train log) plus validation (losses.txt).
 
-  python plot_training.py weights/rd_log.csv --losses weights/losses.txt --out results/training_rd.png
-  python plot_training.py a/rd_log.csv b/rd_log.csv --losses a/losses.txt b/losses.txt   # b continued a (--init)
+  python tools/plot_training.py runs/rd/rd_log.csv --losses runs/rd/losses.txt --out results/training_rd.png
+  python tools/plot_training.py a/rd_log.csv b/rd_log.csv --losses a/losses.txt b/losses.txt   # b continued a (--init)
 """
 import argparse
 import csv

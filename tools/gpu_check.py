@@ -1,7 +1,7 @@
 """Check that files decode identically across devices: CPU-made files decoded on a GPU (and back).
 
-  python gpu_check.py                                  # weights/hyper.pt, images/, qualities 1 4 8, on cuda
-  python gpu_check.py --weights weights/rd.pt --out results/gpu_check.json
+  python tools/gpu_check.py                            # weights/hyper.pt, images/, qualities 1 4 8, on cuda
+  python tools/gpu_check.py --weights weights/rd.pt --out results/gpu_check.json
 
 Per image and quality it compresses on the CPU and on the device, and reports whether the files are
 the same, how many latents the device's float encoder rounded differently, whether CPU-made files
@@ -11,22 +11,27 @@ device-made files decode on the CPU. Then the device's median encode / decode ti
 """
 import argparse
 import json
+import os
 import sys
 import time
 
-import numpy as np
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from codec import compress, decompress, read_image, read_latents
-from dataset import list_images
-from model import load_checkpoint, resolve_device
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from checkpoint import load_checkpoint  # noqa: E402
+from codec import compress, decompress, read_latents  # noqa: E402
+from imagefiles import list_images, read_image  # noqa: E402
+from runtime import resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="weights/hyper.pt", help="rd or hyper checkpoint")
-    p.add_argument("--images", default="images", help="folder of test images")
+    p.add_argument("--weights", default=os.path.join(ROOT, "weights", "hyper.pt"), help="rd or hyper checkpoint")
+    p.add_argument("--images", default=os.path.join(ROOT, "images"), help="folder of test images")
     p.add_argument("--qualities", default="1,4,8", help="comma-separated qualities")
     p.add_argument("--device", default="cuda", help="the device to compare with the CPU")
     p.add_argument("--out", default=None, help="also write the JSON here")

@@ -1,0 +1,37 @@
+"""Process-level settings every script applies: the compute device and how freed memory is kept."""
+import ctypes
+
+import torch
+
+
+def keep_freed_memory():
+    """Let glibc keep freed memory for the next tensor instead of unmapping it (Linux; else a no-op).
+
+    By default each large block is a fresh mmap, so every big activation of a network pays a page
+    fault per 4 KiB page on first touch: measured on a 2-core x86-64 CPU, that cost a Kodak
+    decode ~40 % of its time. Returns whether the setting took.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from <malloc.h>
+    mmap_ok = any(libc.mallopt(m_mmap_threshold, v) for v in (1 << 30, 1 << 25))  # glibcs differ in the max
+    return bool(mmap_ok and libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def resolve_device(name):
+    """torch.device for a --device flag, or ValueError saying why it cannot be used here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device name (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA device is available")
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: there are only {count} CUDA device(s)")
+    return device
+
+
