@@ -34,7 +34,7 @@ import metrics
 from checkpoint import load_checkpoint
 from codec import VERSION, compress, decompress, decompress_file
 from imagefiles import atomic_write, list_images, read_image
-from runtime import keep_freed_memory
+from runtime import HelpFormatter, keep_freed_memory
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # the shipped weights are found from here
 
@@ -86,7 +86,7 @@ CLASSIC = {
 
 def parse_args(argv=None):
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=os.path.join(ROOT, "images"),
                    help="folder of test images (Kodak: see the README for where to get it)")
     p.add_argument("--out", default="benchmark_out", help="output folder")

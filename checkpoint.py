@@ -4,12 +4,17 @@
 with a per-channel scale (`pack_state`).
 """
 import hashlib
+import os
 from dataclasses import asdict
 
 import torch
 
 from imagefiles import atomic_write
 from model import build_model
+
+# The shipped checkpoints, found from the repository wherever a command is started.
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "hyper.pt")
 
 
 def model_id(state_dict):
@@ -91,3 +96,17 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: weights do not fit the config ({str(e).splitlines()[0]})") from None
     ckpt.setdefault("model_id", model_id(ckpt["model"]).hex())
     return model.to(device).eval(), ckpt
+
+
+def find_checkpoint(model_id, folder=WEIGHTS_DIR):
+    """Path of the checkpoint in a folder whose identity (hex) is model_id; LookupError naming both if none."""
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:  # mmap: reading the identity of a 50 MB checkpoint costs no more than a small one's
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            continue
+        if isinstance(ckpt, dict) and ckpt.get("model_id") == model_id:
+            return path
+    raise LookupError(f"no checkpoint in {folder}/ has the identity {model_id} that made this file (pass --weights)")

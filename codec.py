@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from arithmetic_compressor import arithmetic_coding as ac
 from arithmetic_compressor.util import Range
 
-from imagefiles import MODES, atomic_write, read_image, write_image
+from imagefiles import MODES, read_image, write_image, write_output
 from quantize import PRECISION, DecodeError
 
 MAGIC = b"QAE"
@@ -307,18 +307,20 @@ def decompress(model, model_id, data):
 
 
 def compress_file(model, model_id, src, dst, quality=None, coder="constriction", seal=None):
-    """Image file src → compressed file dst, written atomically: (file bytes, read_image's notices).
-    `seal` (optional) transforms the bytes before they are written: test.py's encryption."""
+    """Image file src (a path or a binary file object) → compressed file dst, written atomically ("-":
+    standard output): (file bytes, read_image's notices). `seal` (optional) transforms the bytes before
+    they are written: test.py's encryption."""
     rgb, mode, alpha, notices = read_image(src)
     data = compress(model, model_id, rgb, mode, alpha, quality, coder)
     if seal is not None:
         data = seal(data)
-    atomic_write(dst, data)
+    write_output(dst, data)
     return data, notices
 
 
 def decompress_file(model, model_id, data, dst):
-    """Compressed file bytes → image file dst (format from its extension), written atomically; the RGB array."""
+    """Compressed file bytes → image file dst (format from its extension; "-": PNG on standard output), written
+    atomically; the RGB array."""
     rgb, mode, alpha = decompress(model, model_id, data)
     write_image(dst, rgb, mode, alpha)
     return rgb

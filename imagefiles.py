@@ -3,6 +3,7 @@
 Every script reads and writes images through this module.
 """
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -35,21 +36,27 @@ def read_rgb(path, max_side=None):
 
 
 def read_image(path):
-    """Open an image file → (uint8 RGB H×W×3, mode, alpha or None, notices); ValueError if not an image."""
-    notices = []
+    """Open an image file (a path, or a binary file object) → (uint8 RGB H×W×3, mode, alpha or None, notices);
+    ValueError if it is not an image."""
+    notices, name = [], getattr(path, "name", path)
     try:
         with Image.open(path) as im:
             if getattr(im, "n_frames", 1) > 1:
-                notices.append(f"{path}: {im.n_frames} frames, only the first is compressed")
+                notices.append(f"{name}: {im.n_frames} frames, only the first is compressed")
             im.seek(0)
             im = ImageOps.exif_transpose(im)
             im.load()
     except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file Pillow can read") from None
+        raise ValueError(f"{name}: not an image file Pillow can read") from None
     except Image.DecompressionBombError as e:  # Pillow's guard stays on: refuse rather than allocate
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{name}: {e}") from None
     except OSError as e:
-        raise ValueError(f"{path}: unreadable image ({e})") from None
+        raise ValueError(f"{name}: unreadable image ({e})") from None
+    return (*image_arrays(im), notices)
+
+
+def image_arrays(im):
+    """A loaded PIL image → (uint8 RGB H×W×3, mode kept in the file, alpha H×W or None)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
         scale = 255.0 / 65535.0 if arr.max() > 255 or im.mode.startswith("I;16") else 1.0
@@ -60,21 +67,48 @@ def read_image(path):
         im = im.convert("RGBA")
     mode = im.mode if im.mode in MODES else ("L" if im.mode in ("1", "F") else "RGB")
     alpha = np.asarray(im.getchannel("A")) if mode in ("RGBA", "LA") else None
-    rgb = np.asarray(im.convert("RGB"))
-    return rgb, mode, alpha, notices
+    return np.asarray(im.convert("RGB")), mode, alpha
 
 
-def write_image(path, rgb, mode="RGB", alpha=None):
-    """Save uint8 RGB (plus alpha) in the original mode, atomically; format from the extension."""
+def to_pil(rgb, mode="RGB", alpha=None):
+    """Inverse of image_arrays: a PIL image in the original mode."""
     im = Image.fromarray(rgb, "RGB")
     if mode in ("L", "LA"):
         im = im.convert("L")
     if alpha is not None:
         im.putalpha(Image.fromarray(alpha, "L"))
-    fmt = Image.registered_extensions().get("." + str(path).rsplit(".", 1)[-1].lower(), "PNG")
+    return im
+
+
+def image_format(path):
+    """Pillow's format name for a file name's extension, or None when no writer is registered for it."""
+    fmt = Image.registered_extensions().get(os.path.splitext(str(path))[1].lower())
+    return fmt if fmt in Image.SAVE else None
+
+
+LOSSY_FORMATS = ("JPEG", "WEBP", "AVIF", "HEIF", "JXL", "JPEG2000")  # writing these loses detail a second time
+
+
+def save_image(f, im, fmt):
+    """Write a PIL image to a binary file object in a Pillow format."""
     # PNG at zlib level 1: 3× faster to write than Pillow's default 6, and no larger on photos (measured).
-    options = {"compress_level": 1} if fmt == "PNG" else {}
-    atomic_write(path, lambda f: im.save(f, format=fmt, **options))
+    im.save(f, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
+
+
+def write_image(path, rgb, mode="RGB", alpha=None):
+    """Save uint8 RGB (plus alpha) in the original mode, atomically; format from the extension (PNG if none,
+    and for "-", standard output)."""
+    im, fmt = to_pil(rgb, mode, alpha), image_format(path) or "PNG"
+    write_output(path, lambda f: save_image(f, im, fmt))
+
+
+def write_output(path, write):
+    """atomic_write, except that "-" means standard output."""
+    if path != "-":
+        return atomic_write(path, write)
+    out = sys.stdout.buffer
+    write(out) if callable(write) else out.write(write)
+    out.flush()
 
 
 def atomic_write(path, write):

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from imagefiles import IMAGE_EXTENSIONS, atomic_write, read_rgb
+from runtime import HelpFormatter
 
 PSNR_CAP = 100.0  # reported for identical images instead of +inf (keeps JSON valid)
 
@@ -137,7 +138,7 @@ def files_by_stem(folder, extensions=IMAGE_EXTENSIONS):
 
 def main(argv=None):
     """Pair originals with reconstructions by file stem, print and optionally save the scores."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--originals", default="images", help="folder of original images")
     p.add_argument("--reconstructions", default="decompressed_folder", help="folder of decoded images (same stems)")
     p.add_argument("--compressed", default="compressed_folder", help="folder of compressed files (NAME.*) for bpp")

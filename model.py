@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from quantize import (PRECISION, DecodeError, FactorizedPrior, GaussianConditional, escape_segments, pmf_to_freqs,
                       quantize_bbit,
@@ -91,6 +90,8 @@ class SeedEncoder(nn.Module):
         super().__init__()
         if cfg.arch not in ("resnet18", "resnet34", "resnet50", "resnet101"):
             raise ValueError(f"unknown ResNet trunk {cfg.arch!r}")
+        import torchvision  # here, not at the top: importing it costs ~1 s that only the seed model needs
+
         net = getattr(torchvision.models, cfg.arch)(weights=None)
         self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
                                    net.layer1, net.layer2, net.layer3, net.layer4)

@@ -1,7 +1,17 @@
-"""Process-level settings every script applies: the compute device and how freed memory is kept."""
+"""What every script shares and that costs no start-up time: its help layout, the compute device, how freed
+memory is kept (torch is imported only when a device is checked)."""
+import argparse
 import ctypes
 
-import torch
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default (unless the help already says it, or it is unset)."""
+
+    def _get_help_string(self, action):
+        """The help text, with "(default: …)" added where it tells something."""
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def keep_freed_memory():
@@ -22,6 +32,8 @@ def keep_freed_memory():
 
 def resolve_device(name):
     """torch.device for a --device flag, or ValueError saying why it cannot be used here."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:

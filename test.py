@@ -3,71 +3,92 @@
   python test.py                                   # images/ → compressed_folder/*.qae → decompressed_folder/*.png
   python test.py compress IN.png OUT.qae [--quality Q] [--weights W]
   python test.py decompress IN.qae OUT.png         # the file says which model made it
+  python test.py info IN.qae                       # the header, without decoding
+  cat IN.png | python test.py compress - - > OUT.qae   # "-" is standard input / output
 
 Folder mode prints, per image, size, bytes, bpp (from the file size), PSNR and encode / decode
-seconds (file I/O and entropy coding included), then the means.
+seconds (file I/O and entropy coding included), then the means and the bits over all pixels.
 """
 import argparse
 import hashlib
+import io
 import os
 import sys
 import time
 
-import torch
-
-import metrics
-from checkpoint import load_checkpoint
-from codec import CODERS, FormatError, compress_file, decompress_file, unpack
-from encryption import ENV_VAR, decrypt, encrypt, is_encrypted, read_passphrase
-from imagefiles import list_images, read_image
-from runtime import keep_freed_memory, resolve_device
+from encryption import ENV_VAR
+from runtime import HelpFormatter
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # shipped weights and sample images are found from here
-DEFAULT_WEIGHTS = os.path.join(ROOT, "weights", "hyper.pt")
+WEIGHTS_DIR = os.path.join(ROOT, "weights")
+DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "hyper.pt")
+
+
+def model_options(weights_help):
+    """Options of every command that loads a model."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--weights", default=None, help=weights_help)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--key-file", default=None, help="file holding the passphrase (for --encrypt and for opening "
+                                                    f"encrypted files; else ${ENV_VAR}, else asked at the terminal)")
+    return p
+
+
+def encode_options():
+    """Options of the commands that write .qae files."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--quality", type=float, default=None,
+                   help="rd / hyper models: 1 (smallest) … 8 (best), fractions allowed; default: the highest")
+    p.add_argument("--coder", default="constriction", help="entropy coder: constriction or arithmetic-compressor")
+    p.add_argument("--encrypt", action="store_true", help="password-protect new files (AES-256-GCM, scrypt key)")
+    return p
+
+
+def decode_options():
+    """Options of the commands that read .qae files."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--weights-dir", default=WEIGHTS_DIR, help="where to look for the checkpoint a file names")
+    return p
 
 
 def parse_args(argv=None):
-    """Folder mode flags plus the compress / decompress subcommands."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--weights", default=None,
-                        help=f"checkpoint to use (default: {DEFAULT_WEIGHTS} to compress; to decompress, the "
-                             "checkpoint in --weights-dir whose identity the file names)")
-    common.add_argument("--weights-dir", default=os.path.join(ROOT, "weights"),
-                        help="where to look for the checkpoint a file names")
-    common.add_argument("--quality", type=float, default=None,
-                        help="rd / hyper models: quality 1 (smallest) … 8 (best), fractions allowed; default: highest")
-    common.add_argument("--coder", default="constriction", choices=CODERS, help="entropy coder written into new files")
-    common.add_argument("--encrypt", action="store_true",
-                        help="password-protect new files (AES-256-GCM, scrypt key); the passphrase comes from "
-                             f"--key-file, else ${ENV_VAR}, else is asked for twice at the terminal")
-    common.add_argument("--key-file", default=None,
-                        help="file holding the passphrase (for --encrypt and for opening encrypted files)")
-    common.add_argument("--device", default="cpu", help="cpu or cuda")
-    common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[common])
-    p.add_argument("--images", default=os.path.join(ROOT, "images"), help="folder mode: folder of images to compress")
-    p.add_argument("--compressed-dir", default="compressed_folder", help="folder mode: where NAME.qae files go")
-    p.add_argument("--decompressed-dir", default="decompressed_folder", help="folder mode: where NAME.png files go")
-    p.add_argument("--workers", type=int, default=1,
-                   help="folder mode: processes compressing in parallel (each with one torch thread)")
-    p.add_argument("--shard", default=None,
-                   help="folder mode: i/n takes a deterministic share of the files (by name hash), so n machines "
-                        "can split one collection with no coordination")
-    p.add_argument("--results", default=None,
-                   help="folder mode: write per-image results to this .json or .csv (merge shards with metrics.py --merge)")
-    sub = p.add_subparsers(dest="command", metavar="{compress,decompress}")
-    c = sub.add_parser("compress", parents=[common], help="compress one image file")
-    c.add_argument("input", help="image file (PNG, JPEG, …)")
-    c.add_argument("output", help="compressed file to write (.qae)")
-    d = sub.add_parser("decompress", parents=[common], help="decompress one .qae file")
-    d.add_argument("input", help="compressed file (.qae)")
-    d.add_argument("output", help="image file to write (PNG unless the extension says otherwise)")
+    """Folder mode flags plus the compress / decompress / info subcommands (nothing heavy is imported here)."""
+    encoding = model_options(f"checkpoint to compress with (default: {DEFAULT_WEIGHTS})")
+    decoding = model_options("checkpoint to decompress with (default: the one in --weights-dir that made the file)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                parents=[encoding, encode_options(), decode_options()])
+    p.add_argument("--images", default=os.path.join(ROOT, "images"), help="folder of images to compress")
+    p.add_argument("--compressed-dir", default="compressed_folder", help="where NAME.qae files go")
+    p.add_argument("--decompressed-dir", default="decompressed_folder", help="where NAME.png files go")
+    p.add_argument("--workers", type=int, default=1, help="processes compressing in parallel (one torch thread each)")
+    p.add_argument("--shard", default=None, help="i/n: a deterministic share of the files (by name hash), so n "
+                                                 "machines can split one collection with no coordination")
+    p.add_argument("--results", default=None, help="write per-image results to this .json or .csv "
+                                                   "(merge shards with metrics.py --merge)")
+    sub = p.add_subparsers(dest="command", metavar="{compress,decompress,info}")
+    c = sub.add_parser("compress", parents=[encoding, encode_options()], formatter_class=HelpFormatter,
+                       help="compress one image file", description="Compress one image file into a .qae file.")
+    c.add_argument("input", help="image file (PNG, JPEG, …), or - for standard input")
+    c.add_argument("output", help="compressed file to write (.qae), or - for standard output")
+    d = sub.add_parser("decompress", parents=[decoding, decode_options()], formatter_class=HelpFormatter,
+                       help="decompress one .qae file", description="Decompress one .qae file into an image file.")
+    d.add_argument("input", help="compressed file (.qae), or - for standard input")
+    d.add_argument("output", help="image file to write (format from the extension), or - for PNG on standard output")
+    d.add_argument("--allow-lossy", action="store_true",
+                   help="allow a lossy output format (JPEG, WebP, …), which loses detail a second time")
+    i = sub.add_parser("info", formatter_class=HelpFormatter, help="print a .qae file's header without decoding",
+                       description="Print a .qae file's header (model, size, mode, rate, coder, bytes, bpp).")
+    i.add_argument("input", help="compressed file (.qae), or - for standard input")
     return p.parse_args(argv)
 
 
 def setup_device(args):
     """Apply --threads, check --device, and keep freed memory for reuse (faster coding)."""
+    import torch
+
+    from runtime import keep_freed_memory, resolve_device
+
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +97,8 @@ def setup_device(args):
 
 def load_model(path, device):
     """(model, 4-byte identity, checkpoint) from a checkpoint file, with a clear error when missing."""
+    from checkpoint import load_checkpoint
+
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path} not found (train one with train.py or pass --weights)")
     model, ckpt = load_checkpoint(path, device)
@@ -86,35 +109,41 @@ def load_model(path, device):
 
 def find_weights(data, args):
     """The checkpoint that made a file: --weights if given, else the one in --weights-dir with its identity."""
+    from checkpoint import find_checkpoint
+    from codec import FormatError, unpack
+
     if args.weights:
         return args.weights
-    header, _, _ = unpack(data)
-    wanted = header["model_id"].hex()
-    folder = args.weights_dir
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
-    for name in names:
-        path = os.path.join(folder, name)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            continue
-        if isinstance(ckpt, dict) and ckpt.get("model_id") == wanted:
-            return path
-    raise FormatError(f"no checkpoint in {folder}/ has the identity {wanted} that made this file (pass --weights)")
+    try:
+        return find_checkpoint(unpack(data)[0]["model_id"].hex(), args.weights_dir)
+    except LookupError as e:
+        raise FormatError(str(e)) from None
 
 
 def compress_timed(model, mid, src, dst, args, passphrase=None):
     """Compress one image file to dst atomically (encrypted if a passphrase is given); (bytes, seconds, notices)."""
+    from codec import compress_file
+    from encryption import encrypt
+
     t = time.perf_counter()
     seal = (lambda data: encrypt(data, passphrase)) if passphrase else None
     data, notices = compress_file(model, mid, src, dst, args.quality, args.coder, seal)
     return data, time.perf_counter() - t, notices
 
 
+def read_input(path):
+    """The bytes of a file, or of standard input for "-"."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def read_compressed(path, args, passphrase=None):
     """A compressed file's bytes, decrypted first when it is encrypted (asking for the passphrase if needed)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    from encryption import decrypt, is_encrypted, read_passphrase
+
+    data = read_input(path)
     if is_encrypted(data):
         data = decrypt(data, passphrase or read_passphrase(args.key_file))
     return data
@@ -137,6 +166,8 @@ WORKER = {}  # per-process state of a folder run: model, identity, args, passphr
 
 def init_worker(weights, args, passphrase, threads=0):
     """Load the model once per process (one torch thread per pool worker)."""
+    import torch
+
     if threads:
         torch.set_num_threads(threads)
     model, mid, ckpt = load_model(weights, args.device)
@@ -145,6 +176,10 @@ def init_worker(weights, args, passphrase, threads=0):
 
 def process_image(path):
     """Compress one image to the compressed folder and decompress it back: (row, notices) or (None, error)."""
+    import metrics
+    from codec import decompress_file
+    from imagefiles import read_image
+
     model, mid, args, passphrase = WORKER["model"], WORKER["mid"], WORKER["args"], WORKER["passphrase"]
     stem = os.path.splitext(os.path.basename(path))[0]
     qae = os.path.join(args.compressed_dir, stem + ".qae")
@@ -176,8 +211,24 @@ def map_images(paths, args, weights, passphrase):
         yield from pool.imap(process_image, paths)
 
 
+def print_summary(rows, seconds, workers):
+    """Means over the images, and the bits over all pixels of the folder (one tiny image cannot dominate it)."""
+    import metrics
+
+    m = metrics.mean_scores(rows)
+    print(f"{'mean (' + str(len(rows)) + ')':20s} {'':>10s} {m['bytes']:8.0f} {m['bpp']:7.3f} {m['psnr']:7.2f} "
+          f"{m['encode_s']:6.2f} {m['decode_s']:6.2f}")
+    pixels, total = sum(r["width"] * r["height"] for r in rows), sum(r["bytes"] for r in rows)
+    print(f"all {len(rows)} image{'s' * (len(rows) != 1)}: {total} bytes for {pixels:,} pixels = "
+          f"{8 * total / pixels:.3f} bpp; {len(rows) / seconds:.2f} images/s with {max(workers, 1)} worker(s)")
+
+
 def run_folder(args):
     """Compress every image of a folder (or its --shard) and decompress it again, printing per-image figures."""
+    import metrics
+    from encryption import read_passphrase
+    from imagefiles import list_images
+
     paths = list_images(args.images) if os.path.isdir(args.images) else []
     if not paths:
         raise ValueError(f"no images in {args.images!r}")
@@ -206,10 +257,7 @@ def run_folder(args):
         print(f"{row['image']:20s} {size:>10s} {row['bytes']:8d} {row['bpp']:7.3f} "
               f"{row['psnr']:7.2f} {row['encode_s']:6.2f} {row['decode_s']:6.2f}")
     if rows:
-        m = metrics.mean_scores(rows)
-        print(f"{'mean (' + str(len(rows)) + ')':20s} {'':>10s} {m['bytes']:8.0f} {m['bpp']:7.3f} {m['psnr']:7.2f} "
-              f"{m['encode_s']:6.2f} {m['decode_s']:6.2f}")
-        print(f"{len(rows) / (time.perf_counter() - t0):.2f} images/s with {max(args.workers, 1)} worker(s)")
+        print_summary(rows, time.perf_counter() - t0, args.workers)
     if args.results:
         metrics.write_results(args.results, rows)
     if failed:
@@ -218,29 +266,67 @@ def run_folder(args):
     return 0
 
 
+def check_output(path, allow_lossy):
+    """A decompress output must be an image format Pillow writes, and lossless unless allowed."""
+    from imagefiles import LOSSY_FORMATS, image_format
+
+    if path == "-":
+        return
+    fmt = image_format(path)
+    if fmt is None:
+        raise ValueError(f"{path}: not an image file name (use .png, .tif, .bmp, … or - for PNG on standard output)")
+    if fmt in LOSSY_FORMATS and not allow_lossy:
+        raise ValueError(f"{path}: {fmt} would lose detail a second time; write PNG, or pass --allow-lossy")
+
+
+def compress_command(args):
+    """test.py compress: one image file (or standard input) → one .qae file (or standard output)."""
+    from encryption import read_passphrase
+
+    if args.output != "-" and not args.output.lower().endswith(".qae"):
+        print(f"warning: {args.output} does not end in .qae", file=sys.stderr)
+    model, mid, _ = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
+    passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
+    src = io.BytesIO(read_input("-")) if args.input == "-" else args.input
+    data, seconds, notices = compress_timed(model, mid, src, args.output, args, passphrase)
+    for n in notices:
+        print(f"note: {n}", file=sys.stderr)
+    print(f"{args.output}: {len(data)} bytes in {seconds:.2f} s", file=sys.stderr if args.output == "-" else sys.stdout)
+    return 0
+
+
+def decompress_command(args):
+    """test.py decompress: one .qae file (or standard input) → one image file (or PNG on standard output)."""
+    from codec import decompress_file
+
+    check_output(args.output, args.allow_lossy)
+    t = time.perf_counter()
+    data = read_compressed(args.input, args)
+    model, mid, _ = load_model(find_weights(data, args), args.device)
+    rgb = decompress_file(model, mid, data, args.output)
+    print(f"{args.output}: {rgb.shape[1]}x{rgb.shape[0]} in {time.perf_counter() - t:.2f} s",
+          file=sys.stderr if args.output == "-" else sys.stdout)
+    return 0
+
+
+def info_command(args):
+    """test.py info: a .qae file's header, one field a line."""
+    import qae
+
+    for key, value in qae.info(read_input(args.input)).items():
+        print(f"{key:14s} {value:.4f}" if isinstance(value, float) else f"{key:14s} {value}")
+    return 0
+
+
 def main(argv=None):
     """Dispatch to folder mode or a subcommand; every failure is one line on stderr and exit code 1."""
     args = parse_args(argv)
+    commands = {"compress": compress_command, "decompress": decompress_command, "info": info_command}
     try:
-        setup_device(args)
-        if args.command == "compress":
-            model, mid, _ = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
-            passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
-            data, seconds, notices = compress_timed(model, mid, args.input, args.output, args, passphrase)
-            for n in notices:
-                print(f"note: {n}", file=sys.stderr)
-            print(f"{args.output}: {len(data)} bytes in {seconds:.2f} s")
-            return 0
-        if args.command == "decompress":
-            t = time.perf_counter()
-            data = read_compressed(args.input, args)
-            model, mid, _ = load_model(find_weights(data, args), args.device)
-            rgb = decompress_file(model, mid, data, args.output)
-            seconds = time.perf_counter() - t
-            print(f"{args.output}: {rgb.shape[1]}x{rgb.shape[0]} in {seconds:.2f} s")
-            return 0
-        return run_folder(args)
-    except (FormatError, ValueError, OSError) as e:
+        if args.command != "info":
+            setup_device(args)
+        return commands.get(args.command, run_folder)(args)
+    except (ValueError, OSError) as e:  # FormatError and DecryptionError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from dataset import CropDataset, split_paths
 from imagefiles import list_images
 from model import HyperConfig, RDConfig, SeedConfig, build_model
-from runtime import keep_freed_memory, resolve_device
+from runtime import HelpFormatter, keep_freed_memory, resolve_device
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192),
@@ -30,7 +30,7 @@ RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large"
 
 def parse_args(argv=None):
     """Command-line flags; every default runs."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--arch", default="rd", choices=SEED_ARCHS + tuple(RD_PRESETS),
                    help="model preset: resnet18/34/50/101 = the seed auto-encoder (resnet101 is the "
                         "seed's own), rd / rd-small / rd-large = the rate–distortion codec (factorized prior), "
@@ -109,6 +109,11 @@ def make_model(args):
     return build_model(cfg)
 
 
+def photos(n):
+    """ "1 photo", "2 photos"."""
+    return f"{n} photo{'s' * (n != 1)}"
+
+
 def make_data(args):
     """Training and validation datasets, with a clear error when the folders are empty."""
     train_paths = list_images(args.train_dir) if os.path.isdir(args.train_dir) else []
@@ -120,8 +125,8 @@ def make_data(args):
     if not val_paths:
         train_paths, val_paths = split_paths(train_paths, args.val_fraction, args.seed)
         val_paths = val_paths or train_paths[:1]
-        print(f"no images in {args.val_dir!r}: holding out {len(val_paths)} training photos for validation")
-    print(f"loading {len(train_paths)} training and {len(val_paths)} validation photos into RAM …")
+        print(f"no images in {args.val_dir!r}: holding out {photos(len(val_paths))} of the training set for validation")
+    print(f"loading {photos(len(train_paths))} for training and {photos(len(val_paths))} for validation into RAM …")
     train = CropDataset(train_paths, args.crop)
     val = CropDataset(val_paths, args.crop)
     if len(train) * args.crops_per_photo < args.batch_size:

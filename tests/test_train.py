@@ -156,3 +156,13 @@ def test_int8_storage_is_close_and_compact(tmp_path):
         if v.is_floating_point():
             step = v.abs().amax() / 127 if v.dim() >= 2 else v.abs().amax() * 1e-3
             assert (loaded[k] - v).abs().max() <= 0.55 * step, k  # half a step + the fp16 scale's rounding
+
+
+def test_default_output_is_a_run_folder_not_the_shipped_weights(photos, tmp_path):
+    """Without --out a run writes to runs/NAME/ under the working directory; weights/ is left alone."""
+    shipped = {f: os.path.getmtime(os.path.join(ROOT, "weights", f)) for f in os.listdir(os.path.join(ROOT, "weights"))}
+    r = train("--arch", "rd", "--train-dir", photos, "--max-steps", "1", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert {"rd.pt", "rd_resume.pt", "rd_log.csv"} <= set(os.listdir(tmp_path / "runs" / "rd"))
+    assert {f: os.path.getmtime(os.path.join(ROOT, "weights", f)) for f in os.listdir(os.path.join(ROOT, "weights"))} == shipped
+    assert "perceptual loss" not in r.stdout  # the VGG notice is the seed model's only

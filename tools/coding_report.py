@@ -32,12 +32,12 @@ from checkpoint import load_checkpoint  # noqa: E402
 from codec import (CODERS, HEADER_BYTES, SymbolDecoder, compress_file, decompress_file, entropy_encode,  # noqa: E402
                    image_of, latents_of, read_latents)
 from imagefiles import list_images, read_image  # noqa: E402
-from runtime import keep_freed_memory  # noqa: E402
+from runtime import HelpFormatter, keep_freed_memory  # noqa: E402
 
 
 def parse_args(argv=None):
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--weights", default=os.path.join(ROOT, "weights", "hyper.pt"), help="rd or hyper checkpoint")
     p.add_argument("--data", default=os.path.join(ROOT, "images"), help="folder of images (e.g. Kodak)")
     p.add_argument("--quality", type=float, nargs="+", default=[1, 4, 8], help="qualities to code at")

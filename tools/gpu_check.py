@@ -24,12 +24,12 @@ import torch  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from codec import compress, decompress, read_latents  # noqa: E402
 from imagefiles import list_images, read_image  # noqa: E402
-from runtime import resolve_device  # noqa: E402
+from runtime import HelpFormatter, resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--weights", default=os.path.join(ROOT, "weights", "hyper.pt"), help="rd or hyper checkpoint")
     p.add_argument("--images", default=os.path.join(ROOT, "images"), help="folder of test images")
     p.add_argument("--qualities", default="1,4,8", help="comma-separated qualities")

@@ -23,6 +23,7 @@ from PIL import Image  # noqa: E402
 
 import codec  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
+from runtime import HelpFormatter  # noqa: E402
 
 # (name, source crop of images/kodim23.png: top, left, height, width; mode)
 SOURCES = [("rgb_64x48", 200, 300, 48, 64, "RGB"), ("odd_37x53", 100, 500, 53, 37, "RGB"),
@@ -73,7 +74,7 @@ def legacy(data, version, latent_bytes):
 
 def main(argv=None):
     """Write sources, files and manifest.json into --out."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "tests", "conformance"), help="corpus folder")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

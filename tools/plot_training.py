@@ -9,12 +9,17 @@ import os
 import re
 import sys
 
-import numpy as np
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from runtime import HelpFormatter  # noqa: E402
 
 
 def parse_args(argv=None):
     """Command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("log", nargs="+", help="the run's NAME_log.csv written by train.py; several = phases "
                                           "of one run (each started with --init from the last), drawn end to end")
     p.add_argument("--losses", nargs="*", default=[], help="losses.txt of each phase, in the same order "

@@ -17,13 +17,14 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from imagefiles import atomic_write, list_images, read_rgb  # noqa: E402
+from runtime import HelpFormatter  # noqa: E402
 
 FORMATS = {"webp": "WEBP", "jpg": "JPEG"}
 
 
 def parse_args(argv=None):
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("src", help="folder of photos (searched recursively)")
     p.add_argument("dst", help="output folder (created); files are numbered 0000.webp, 0001.webp, … in sorted order")
     p.add_argument("--short-side", type=int, default=272, help="largest short side in pixels (crops of 256 still fit)")

@@ -1,0 +1,143 @@
+"""What a codec user meets first: the Python API, the Pillow plugin, pipes, `info`, refusals of silent
+surprises, output permissions, honest folder summaries, and commands that work from any folder."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, photo_like
+
+import qae
+
+SHIPPED = os.path.join(ROOT, "weights", "hyper.pt")
+
+
+def run(*args, cwd=ROOT, stdin=None):
+    """test.py with arguments, as a user runs it (bytes in and out)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "test.py"), *args], cwd=cwd, input=stdin,
+                          capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(rd_ckpt):
+    """A codec of the tiny rd checkpoint, finding files' checkpoints in its folder."""
+    return qae.Codec(rd_ckpt, weights_dir=os.path.dirname(rd_ckpt))
+
+
+@pytest.mark.parametrize("form", ["path", "pil", "array", "gray_array", "rgba_pil"])
+def test_api_round_trip_of_every_input_form(tiny, form, tmp_path):
+    """compress accepts a path, a PIL image or an array; decompress gives a PIL image of the same size and mode."""
+    rgb = photo_like(30, 44, 1)
+    image = {"path": None, "pil": Image.fromarray(rgb), "array": rgb, "gray_array": rgb[..., 0],
+             "rgba_pil": Image.fromarray(np.dstack([rgb, rgb[..., 1]]), "RGBA")}[form]
+    if form == "path":
+        image = str(tmp_path / "in.png")
+        Image.fromarray(rgb).save(image)
+    out = tiny.decompress(tiny.compress(image, quality=3))
+    assert out.size == (44, 30)
+    assert out.mode == {"gray_array": "L", "rgba_pil": "RGBA"}.get(form, "RGB")
+
+
+def test_api_info_encryption_and_errors(tiny):
+    """info reads the header without decoding; encrypted data needs its passphrase; bad input is one error type."""
+    data = tiny.compress(photo_like(20, 20), quality=2.5)
+    head = qae.info(data)
+    assert (head["width"], head["height"], head["quality"], head["bytes"]) == (20, 20, 2.5, len(data))
+    assert head["bpp"] == pytest.approx(8 * len(data) / 400) and head["encrypted"] is False
+    sealed = tiny.compress(photo_like(20, 20), quality=2.5, passphrase="pw")
+    assert qae.info(sealed)["encrypted"] is True
+    with pytest.raises(qae.FormatError, match="encrypted"):
+        tiny.decompress(sealed)
+    assert tiny.decompress(sealed, passphrase="pw").size == (20, 20)
+    with pytest.raises(qae.FormatError):
+        tiny.decompress(data[:-1])
+    with pytest.raises(ValueError, match="uint8"):
+        tiny.compress(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(TypeError):
+        tiny.compress(12)
+
+
+def test_api_finds_the_model_that_made_a_file(tiny, rd_ckpt, hyper_ckpt, tmp_path):
+    """A file from another checkpoint decodes when that checkpoint is in weights_dir, else is a FormatError."""
+    other = qae.Codec(hyper_ckpt)
+    data = other.compress(photo_like(16, 24), quality=4)
+    with pytest.raises(qae.FormatError, match="no checkpoint"):
+        tiny.decompress(data)
+    folder = tmp_path / "w"
+    folder.mkdir()
+    shutil.copy(hyper_ckpt, folder)
+    assert qae.Codec(rd_ckpt, weights_dir=str(folder)).decompress(data).size == (24, 16)
+
+
+def test_pillow_plugin_opens_and_saves_qae(tmp_path):
+    """After `import pillow_qae`, Image.open reads .qae files and Image.save writes them (default model)."""
+    import pillow_qae  # noqa: F401
+
+    rgb = photo_like(48, 64, 2)
+    path = str(tmp_path / "x.qae")
+    Image.fromarray(rgb).save(path, quality=3)
+    with open(path, "rb") as f:
+        assert qae.info(f.read())["quality"] == 3
+    with Image.open(path) as im:
+        assert im.format == "QAE" and im.size == (64, 48) and im.mode == "RGB"
+        pixels = np.asarray(im.convert("RGB"))
+    assert np.abs(pixels.astype(int) - rgb).mean() < 20
+
+
+def test_pipes_info_and_refusals(tmp_path):
+    """"-" is stdin / stdout both ways; info prints the header; lossy or unknown outputs are refused."""
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(40, 40, 3)).save(src)
+    r = run("compress", "-", "-", "--quality", "2", stdin=src.read_bytes())
+    assert r.returncode == 0 and r.stdout[:3] == b"QAE", r.stderr
+    qae_path = tmp_path / "in.qae"
+    qae_path.write_bytes(r.stdout)
+    r = run("decompress", "-", "-", stdin=r.stdout)
+    assert r.returncode == 0 and r.stdout[:8] == b"\x89PNG\r\n\x1a\n", r.stderr
+    r = run("info", str(qae_path))
+    assert r.returncode == 0 and b"quality        2.0" in r.stdout and b"width          40" in r.stdout
+    for name, message in (("out.jpg", b"--allow-lossy"), ("out.txt", b"not an image file name")):
+        r = run("decompress", str(qae_path), str(tmp_path / name))
+        assert r.returncode == 1 and message in r.stderr and not (tmp_path / name).exists()
+    assert run("decompress", str(qae_path), str(tmp_path / "ok.jpg"), "--allow-lossy").returncode == 0
+    r = run("compress", str(src), str(tmp_path / "x.bin"))
+    assert r.returncode == 0 and b"does not end in .qae" in r.stderr
+
+
+def test_commands_work_from_any_folder_and_outputs_are_readable(tmp_path):
+    """From another working directory the shipped weights are still found; files get 0666 less the umask."""
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(32, 32, 4)).save(src)
+    old = os.umask(0o022)
+    try:
+        assert run("compress", str(src), "a.qae", cwd=tmp_path).returncode == 0
+        assert run("decompress", "a.qae", "b.png", cwd=tmp_path).returncode == 0
+    finally:
+        os.umask(old)
+    for name in ("a.qae", "b.png"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644
+
+
+def test_folder_summary_counts_bits_over_all_pixels(rd_ckpt, tmp_path):
+    """A 1×1 image cannot dominate the folder's figure: bits over all pixels are reported beside the means."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photo_like(64, 64, 5)).save(folder / "big.png")
+    Image.fromarray(photo_like(1, 1, 6)).save(folder / "dot.png")
+    r = run("--weights", rd_ckpt, "--images", str(folder), "--compressed-dir", str(tmp_path / "c"),
+            "--decompressed-dir", str(tmp_path / "d"), "--quality", "2")
+    assert r.returncode == 0, r.stderr
+    total = sum(os.path.getsize(p) for p in (tmp_path / "c").iterdir())
+    assert f"{total} bytes for 4,097 pixels = {8 * total / 4097:.3f} bpp".encode() in r.stdout
+
+
+def test_help_answers_without_torch():
+    """--help and argument errors do not import torch (the slow part of starting)."""
+    code = ("import sys; sys.argv = ['test.py', '--help']; sys.path.insert(0, %r); import test as t\n"
+            "try:\n    t.parse_args()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)") % ROOT
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.stdout.strip().endswith("False"), r.stdout + r.stderr
