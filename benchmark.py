@@ -222,7 +222,8 @@ def write_reports(curves, anchor_name, out):
     table = "\n".join(lines)
     print(table)
     ours = [c for c in curves if c["name"].startswith("ours-")]
-    duel = head_to_head(ours, [c for c in curves if not c["name"].startswith("ours-")])
+    curved = [c for c in curves if len(c["results"]["bpp"]) > 1]  # a one-rate model has no curve
+    duel = head_to_head([c for c in curved if c["name"].startswith("ours-")], curved)
     print(duel)
     atomic_write(os.path.join(out, "bd_rates.md"), (table + "\n").encode())
     atomic_write(os.path.join(out, "head_to_head.md"), duel.encode())
@@ -230,15 +231,15 @@ def write_reports(curves, anchor_name, out):
 
 
 def head_to_head(ours, others):
-    """Markdown table: BD-rate of each of our curves against each other codec over their common PSNR range
-    (negative = ours needs fewer bits at equal PSNR)."""
+    """Markdown table: BD-rate of each of our curves (columns) against every curve (rows: classic codecs, our
+    other checkpoints, published ones) over their common PSNR range; negative = fewer bits at equal PSNR."""
     lines = ["| codec | " + " | ".join(c["name"].removeprefix("ours-") for c in ours) + " |",
              "|---|" + "---|" * len(ours)]
     for other in others:
         cells = []
         for c in ours:
-            bd, note = bd_rate(other["results"], c["results"])
-            cells.append("n/a" if bd is None else f"{bd:+.1f} %" + (" *" if note else ""))
+            bd, note = bd_rate(other["results"], c["results"]) if c is not other else (None, "")
+            cells.append("–" if c is other else "n/a" if bd is None else f"{bd:+.1f} %" + (" *" if note else ""))
         lines.append(f"| {other['description'] or other['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n* the two PSNR ranges overlap little: the figure covers that overlap only\n"
 

@@ -39,7 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--val-dir", default="data/val",
                    help="folder of validation photos; if missing or empty, --val-fraction of the training set is held out")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of training photos held out when there is no --val-dir")
-    p.add_argument("--epochs", type=int, default=100, help="passes over the training set (an epoch = --crops-per-photo crops of each photo)")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="passes over the training set (an epoch = --crops-per-photo crops of each photo); "
+                        "0 = no limit when --max-minutes or --max-steps is set, else 100")
     p.add_argument("--crops-per-photo", type=int, default=1,
                    help="random crops of each photo per epoch (raise it on a GPU: fewer loader restarts and validations)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
@@ -234,17 +236,26 @@ def this_stage(model, state, args, recipe):
             "lambdas": list(getattr(model.cfg, "lambdas", ())), "recipe": recipe}
 
 
-def save_all(model, opt, state, args):
-    """Atomically write the resume state (weights + optimizer + RNG) and the shippable checkpoint."""
-    model.build_tables()
+def self_description(model, state, args):
+    """What a checkpoint of this run records about itself: recipe, history of every stage, total steps."""
     recipe = {k: v for k, v in vars(args).items() if k not in ("resume",)}
     history = state["earlier_stages"] + [this_stage(model, state, args, recipe)]
-    total = sum(h["steps"] for h in history if isinstance(h.get("steps"), int))
-    save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), model, optimizer=opt.state_dict(),
-                    torch_rng=torch.get_rng_state(), recipe=recipe, history=history, total_steps=total, **state)
+    return {"recipe": recipe, "history": history,
+            "total_steps": sum(h["steps"] for h in history if isinstance(h.get("steps"), int))}
+
+
+def save_shippable(path, model, state, args):
+    """The checkpoint a user codes with (no optimizer), with its tables built, written atomically."""
+    model.build_tables()
     shipped = {k: v for k, v in state.items() if k != "earlier_stages"}
-    save_checkpoint(os.path.join(args.out, f"{args.name}.pt"), model, precision=model.SHIP_PRECISION,
-                    recipe=recipe, history=history, total_steps=total, **shipped)
+    save_checkpoint(path, model, precision=model.SHIP_PRECISION, **self_description(model, state, args), **shipped)
+
+
+def save_all(model, opt, state, args):
+    """Atomically write the resume state (weights + optimizer + RNG) and the shippable checkpoint."""
+    save_shippable(os.path.join(args.out, f"{args.name}.pt"), model, state, args)
+    save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), model, optimizer=opt.state_dict(),
+                    torch_rng=torch.get_rng_state(), **self_description(model, state, args), **state)
 
 
 def setup_distributed(args):
@@ -326,6 +337,7 @@ def setup(args):
     """Device, process group, data, model (fresh, resumed or initialised), optimizer; returns (Run, state, data)."""
     args.name = args.name or (f"seed_{args.arch}" if args.arch in SEED_ARCHS else args.arch)
     args.out = args.out or os.path.join("runs", args.name)
+    args.epochs = args.epochs or (10**9 if args.max_minutes or args.max_steps else 100)  # a budget alone decides
     if args.seed_noise and args.arch not in SEED_ARCHS:
         sys.exit("error: --seed-noise applies to the seed models (resnet18/34/50/101) only")
     args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)
@@ -346,7 +358,8 @@ def setup(args):
     train_set, val_set = make_data(args)
     model = make_model(args).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0, "earlier_stages": []}
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0, "best_val": math.inf,
+             "earlier_stages": []}
     model, opt, state = resume_or_init(model, opt, state, args)
     start_model(model, state, args, train_set)
     layout = training_layout(args)
@@ -443,6 +456,8 @@ def main(argv=None):
             result = train_step(run, x, seeds, state, args, start)
             if result is None:
                 continue
+            if state["step"] == 20 and budget and run.rank == 0:
+                check_warmup(state, args, budget)
             for k, v in {"loss": result[0], **result[1], "n": 1}.items():
                 sums[k] = sums.get(k, 0) + v
                 window[k] = window.get(k, 0) + v
@@ -465,12 +480,33 @@ def main(argv=None):
     finish(run, state, args)
 
 
+def check_warmup(state, args, budget):
+    """Say so when the warm-up would take much of the steps the time budget allows at the speed so far."""
+    expected = state["step"] * budget / max(state["elapsed"], 1e-9)
+    if args.warmup > expected / 4:
+        print(f"warning: --warmup {args.warmup} is {100 * args.warmup / expected:.0f} % of the ~{expected:.0f} steps "
+              f"--max-minutes {args.max_minutes:g} allows at this speed; the learning rate would barely leave the "
+              f"warm-up (lower --warmup, e.g. to {max(1, int(expected / 20))})")
+
+
+def stop_reason(state, args):
+    """Why the run ended, in words (and whether its learning-rate schedule finished)."""
+    if args.max_steps and state["step"] >= args.max_steps:
+        return f"--max-steps {args.max_steps} reached"
+    if args.max_minutes and state["elapsed"] >= args.max_minutes * 60:
+        return f"--max-minutes {args.max_minutes:g} used"
+    left = f" with {args.max_minutes - state['elapsed'] / 60:.1f} of its {args.max_minutes:g} minutes left" if args.max_minutes else ""
+    return f"--epochs {args.epochs} done{left}" + ("; the learning-rate schedule did not finish" if left else "")
+
+
 def finish(run, state, args):
-    """Final checkpoint (rank 0) and leaving the process group."""
+    """Final checkpoint (rank 0), why the run stopped, and leaving the process group."""
     if run.rank == 0:
         save_all(run.model, run.opt, state, args)
-        print(f"saved {os.path.join(args.out, args.name)}.pt at step {state['step']} "
+        print(f"stopped: {stop_reason(state, args)}; saved {os.path.join(args.out, args.name)}.pt at step {state['step']} "
               f"({state['elapsed'] / 60:.1f} min in all, {state['skipped']} spiking batches skipped)")
+        if math.isfinite(state["best_val"]):
+            print(f"best validation loss {state['best_val']:.5f}: {os.path.join(args.out, args.name)}_best.pt")
     if run.world > 1:
         import torch.distributed as dist
 
@@ -478,7 +514,7 @@ def finish(run, state, args):
 
 
 def end_of_epoch(model, opt, state, args, val_set, vgg, sums):
-    """Validate, append to losses.txt, and checkpoint every 5 epochs."""
+    """Validate, append to losses.txt, keep the best checkpoint by validation loss, checkpoint every 5 epochs."""
     val = validate(model, val_set, vgg, args)
     train_loss = sums.get("loss", 0) / max(sums.get("n", 0), 1)
     with open(os.path.join(args.out, "losses.txt"), "a") as f:
@@ -487,6 +523,9 @@ def end_of_epoch(model, opt, state, args, val_set, vgg, sums):
                 + (f" val_bpp {val['bpp']:.4f}" if "bpp" in val else "") + "\n")
     print(f"epoch {state['epoch']} step {state['step']}: train loss {train_loss:.5f}, val loss {val['loss']:.5f}, "
           f"val PSNR {val['psnr']:.2f} dB" + (f", val bpp {val['bpp']:.3f}" if "bpp" in val else ""))
+    if val["loss"] < state["best_val"]:  # the run keeps its best weights, whatever later epochs do
+        state["best_val"] = val["loss"]
+        save_shippable(os.path.join(args.out, f"{args.name}_best.pt"), model, state, args)
     if state["epoch"] % 5 == 0:
         save_all(model, opt, state, args)
 
