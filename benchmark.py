@@ -33,6 +33,7 @@ from tqdm import tqdm
 import metrics
 from checkpoint import load_checkpoint
 from codec import VERSION, compress, decompress, decompress_file
+from effort import LEVELS as effort_levels_table
 from imagefiles import atomic_write, list_images, read_image
 from runtime import HelpFormatter, keep_freed_memory
 
@@ -73,6 +74,10 @@ CLASSIC = {
              [10, 25, 40, 55, 70, 82, 92]),
     "avif4": ("AVIF 4:4:4 (Pillow, speed 4)", None, _pillow("AVIF", quality="Q", speed=4, subsampling="4:4:4"),
               [10, 25, 40, 55, 70, 82, 92]),
+    "avif2": ("AVIF 4:4:4 (Pillow, speed 2)", None, _pillow("AVIF", quality="Q", speed=2, subsampling="4:4:4"),
+              [10, 25, 40, 55, 70, 82, 92]),
+    "avif8": ("AVIF 4:4:4 (Pillow, speed 8)", None, _pillow("AVIF", quality="Q", speed=8, subsampling="4:4:4"),
+              [10, 25, 40, 55, 70, 82, 92]),
     "jxl": ("JPEG XL (effort 5)", "pillow_jxl", _pillow("JXL", quality="Q", effort=5), [10, 30, 50, 70, 85, 93, 98]),
     "heic": ("HEIC 4:4:4 (x265, preset fast)", "pillow_heif",
              lambda im, q: _pillow("HEIF", quality="Q", chroma=444, enc_params={"preset": "fast"})(im, q),
@@ -90,11 +95,12 @@ def parse_args(argv=None):
     p.add_argument("--data", default=os.path.join(ROOT, "images"),
                    help="folder of test images (Kodak: see the README for where to get it)")
     p.add_argument("--out", default="benchmark_out", help="output folder")
-    p.add_argument("--codecs", default="ours," + ",".join(CLASSIC),
+    p.add_argument("--codecs", default="ours,jpeg420,jpeg444,webp,avif,avif4,jxl,heic,jpeg2000",
                    help=f"comma-separated subset of: ours, {', '.join(CLASSIC)}")
     p.add_argument("--weights", nargs="*", default=None,
                    help="our checkpoints (default: every weights/*.pt)")
     p.add_argument("--qualities", default="1,2,3,4,5,6,7,8", help="qualities of our rd / hyper checkpoints")
+    p.add_argument("--effort", type=int, default=0, help="encoder effort of our checkpoints (0 … 9; curves named ours-NAME-eN)")
     p.add_argument("--extra", nargs="*", default=[], help="published results JSON files (CompressAI format) to plot and rate")
     p.add_argument("--anchor", default="jpeg420", help="codec name (or extra JSON name) the BD-rates are measured against")
     p.add_argument("--visual-image", default=None, help="stem of the image for visual.png (default: kodim23 or the first)")
@@ -134,15 +140,15 @@ def classic_points(name, images):
     return label, points
 
 
-def our_points(path, images, qualities, tmp):
-    """Per-quality rows of one of our checkpoints, timed with file I/O like test.py."""
+def our_points(path, images, qualities, tmp, effort=0):
+    """Per-quality rows of one of our checkpoints at an encoder effort, timed with file I/O like test.py."""
     model, ckpt = load_checkpoint(path)
     mid = bytes.fromhex(ckpt["model_id"])
     qualities = model.ladder(qualities)
     qae, png = os.path.join(tmp, "x.qae"), os.path.join(tmp, "x.png")
 
     def encode(rgb, q):
-        atomic_write(qae, compress(model, mid, rgb, quality=q))
+        atomic_write(qae, compress(model, mid, rgb, quality=q, effort=effort))
         return open(qae, "rb").read()
 
     def decode(_):
@@ -151,7 +157,8 @@ def our_points(path, images, qualities, tmp):
 
     points = [{"quality": q, "rows": measure_point(lambda rgb, q=q: encode(rgb, q), decode, images,
                                                    f"{os.path.basename(path)} q={q}")} for q in qualities]
-    label = f"ours: {os.path.basename(path)} ({ckpt['kind']}, step {ckpt.get('step', '?')})"
+    label = f"ours: {os.path.basename(path)} ({ckpt['kind']}, step {ckpt.get('step', '?')}" + (
+        f", effort {effort})" if effort else ")")
     return label, points, ckpt["model_id"]
 
 
@@ -228,6 +235,45 @@ def write_reports(curves, anchor_name, out):
     atomic_write(os.path.join(out, "bd_rates.md"), (table + "\n").encode())
     atomic_write(os.path.join(out, "head_to_head.md"), duel.encode())
     atomic_write(os.path.join(out, "ours.md"), points_table(ours).encode())
+    if ours:  # against effort 0 of our first checkpoint (when it is there)
+        write_tradeoff(curved, next((c for c in ours if not re.search(r"-e\d+$", c["name"])), ours[0]), out)
+
+
+def write_tradeoff(curves, reference, out):
+    """speed_tradeoff.md / .png: BD-rate against our first curve (effort 0 when run so) and median encode
+    seconds of every curve — the speed–compression trade-off of our effort levels and the codecs' speeds."""
+    rows = []
+    for c in curves:
+        r = c["results"]
+        bd, note = bd_rate(reference["results"], r) if c is not reference else (0.0, "reference")
+        rows.append((c["description"] or c["name"], bd, statistics.median(r["encoding_time_median"]),
+                     statistics.median(r["decoding_time_median"]), note))
+    rows.sort(key=lambda row: row[2])
+    lines = [f"| codec | BD-rate vs {reference['name']} | encode s | decode s | note |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {'n/a' if bd is None else f'{bd:+.1f} %'} | {e:.2f} | {d:.3f} | {note} |" for n, bd, e, d, note in rows]
+    atomic_write(os.path.join(out, "speed_tradeoff.md"), ("\n".join(lines) + "\n").encode())
+    plot_tradeoff(rows, reference["name"], os.path.join(out, "speed_tradeoff.png"))
+
+
+def plot_tradeoff(rows, reference, path):
+    """Encode seconds (log scale) against BD-rate, one labelled point per curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, bd, enc, _, _ in rows:
+        if bd is not None:
+            ax.plot(enc, bd, "o", color="C0" if name.startswith("ours") else "C1")
+            ax.annotate(name.replace("ours: ", ""), (enc, bd), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("median encode seconds per image (log scale)")
+    ax.set_ylabel(f"BD-rate vs {reference} (%, lower = smaller files)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def head_to_head(ours, others):
@@ -343,6 +389,11 @@ def cached(out, name, key, compute, use_cache):
     return result
 
 
+def effort_levels():
+    """The search steps of every effort level: part of the cache key, so retuned levels are re-measured."""
+    return [list(level) for level in effort_levels_table]
+
+
 def our_curves(args, images, image_key, coders):
     """Curves of our checkpoints (--weights, default every shipped one); fills coders for the visual."""
     weights = args.weights if args.weights is not None else sorted(
@@ -351,12 +402,13 @@ def our_curves(args, images, image_key, coders):
     curves = []
     for path in weights:
         model, ckpt = load_checkpoint(path)
-        cname = "ours-" + os.path.splitext(os.path.basename(path))[0]
+        cname = "ours-" + os.path.splitext(os.path.basename(path))[0] + (f"-e{args.effort}" if args.effort else "")
         # The format version is part of the key: a new bitstream changes sizes and speeds.
-        key = {"model_id": ckpt["model_id"], "format": VERSION, "qualities": qualities, "images": image_key}
+        key = {"model_id": ckpt["model_id"], "format": VERSION, "qualities": qualities, "images": image_key,
+               "effort": [args.effort, effort_levels()]}
 
         def compute(path=path, cname=cname):
-            label, points, _ = our_points(path, images, qualities, os.path.join(args.out, "cache"))
+            label, points, _ = our_points(path, images, qualities, os.path.join(args.out, "cache"), args.effort)
             return summarise(cname, label, points)
 
         curves.append(cached(args.out, cname, key, compute, not args.no_cache))

@@ -44,6 +44,7 @@ from arithmetic_compressor import arithmetic_coding as ac
 from arithmetic_compressor.util import Range
 
 from imagefiles import MODES, read_image, write_image, write_output
+from effort import refine, steps_of
 from quantize import PRECISION, DecodeError
 
 MAGIC = b"QAE"
@@ -243,15 +244,20 @@ def encoder_of(coder):
     return lambda segments: entropy_encode(segments, coder)
 
 
-def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="constriction"):
-    """Image (uint8 H×W×3, original mode, optional H×W alpha) → file bytes; quality as the model takes it."""
+def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="constriction", effort=0,
+             progress=None):
+    """Image (uint8 H×W×3, original mode, optional H×W alpha) → file bytes; quality as the model takes it.
+    effort > 0 searches for cheaper latents (effort.py; `progress(done, total)` after each step)."""
     h, w = rgb.shape[:2]
     if not (1 <= h <= 0xFFFF and 1 <= w <= 0xFFFF):
         raise ValueError(f"image of {w}×{h} pixels: each side must be 1 … 65535")
-    encode = encoder_of(coder)
+    encode, _ = encoder_of(coder), steps_of(effort)
     param = model.rate_param(quality)
     quality = model.quality_of(param)
-    latents = latents_of(model, rgb, quality)
+    u = analysis_of(model, rgb).to(_device(model))
+    latents = {k: v.cpu() for k, v in model.latents(u, quality).items()}
+    if effort:
+        latents = refine(model, latents, model.relaxed_latents(u, quality), rgb, quality, effort, progress)
     payload = model.write_latents(latents, quality, encode)
     header = {"kind": model.cfg.kind, "coder": coder, "model_id": model_id, "height": h, "width": w,
               "mode": mode, "param": param, "latent_shape": tuple(latents["y"].shape)}
@@ -306,12 +312,12 @@ def decompress(model, model_id, data):
     return rgb, header["mode"], alpha
 
 
-def compress_file(model, model_id, src, dst, quality=None, coder="constriction", seal=None):
+def compress_file(model, model_id, src, dst, quality=None, coder="constriction", seal=None, effort=0, progress=None):
     """Image file src (a path or a binary file object) → compressed file dst, written atomically ("-":
     standard output): (file bytes, read_image's notices). `seal` (optional) transforms the bytes before
     they are written: test.py's encryption."""
     rgb, mode, alpha, notices = read_image(src)
-    data = compress(model, model_id, rgb, mode, alpha, quality, coder)
+    data = compress(model, model_id, rgb, mode, alpha, quality, coder, effort, progress)
     if seal is not None:
         data = seal(data)
     write_output(dst, data)

@@ -1,27 +1,34 @@
 """Encoder effort: spend encode time searching for latents that cost fewer bits for the same quality.
 
 One pass of the analysis transform guesses the latents; the latents that minimise this image's
-rate + λ·distortion under the trained decoder are elsewhere. At effort > 0 the continuous latents
-(y, and z where the model has them) are optimised with Adam under the model's own rate–distortion
-cost at the file's quality, rounding relaxed by stochastic Gumbel annealing (SGA, Yang et al. 2020),
-then rounded and coded as usual. The decoder and the file format do not change: it only sees other
-integers. The search keeps whichever rounded latents cost least, so it never does worse than
-effort 0 by the model's own measure.
+rate + λ·distortion under the trained decoder are elsewhere. Two searches, both with Adam under the
+model's own float entropy model at the file's quality, rounding relaxed by stochastic Gumbel
+annealing (SGA, Yang et al. 2020):
+
+* the side search moves only the latents that change the rate and not the picture (the hyper
+  model's z, which set the other latents' scales): cheap, since the synthesis never runs;
+* the full search moves every latent under rate + λ·distortion through the synthesis (a forward
+  and backward pass of g_s per step).
+
+The decoder and the file format do not change: it only sees other integers. Each search's result is
+kept only when its rounded latents cost less than what it started from, so no effort level does
+worse than effort 0 by the model's own measure.
 """
 import torch
 
-# Adam steps per effort level (0 = the one-pass encoder).
-STEPS = (0, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-LEARNING_RATE = 0.05  # latents are in units of their quantisation step
-TAU_MAX, TAU_MIN = 0.5, 0.05  # SGA temperature: annealed exponentially over the search
-MAX_PIXELS = 4 << 20  # the search keeps the synthesis' activations and gradients of the whole image
+# (full-search steps, side-search steps) per effort level; 0 is the one-pass encoder.
+LEVELS = ((0, 0), (0, 20), (0, 50), (0, 100), (8, 100), (16, 100), (32, 100), (48, 100), (64, 100), (80, 100))
+DEFAULT = 1  # of test.py and the Python API: the most bits saved per extra second (docs/effort.md)
+FULL_LR, SIDE_LR = 0.02, 0.05  # Adam step sizes, in units of the quantisation step (measured best of 0.005 … 0.2)
+TAU_MAX, TAU_MIN = 0.5, 0.2  # SGA temperature, annealed exponentially over a search (0.2 beat 0.05 at the end)
+MAX_PIXELS = 4 << 20  # the full search keeps the synthesis' activations and gradients of the whole image
 
 
 def steps_of(effort):
-    """Adam steps of an effort level; ValueError outside 0 … 9."""
-    if not (isinstance(effort, int) and 0 <= effort < len(STEPS)):
-        raise ValueError(f"effort {effort!r} is not one of 0 … {len(STEPS) - 1}")
-    return STEPS[effort]
+    """(full, side) search steps of an effort level; ValueError outside 0 … 9."""
+    if not (isinstance(effort, int) and 0 <= effort < len(LEVELS)):
+        raise ValueError(f"effort {effort!r} is not one of 0 … {len(LEVELS) - 1}")
+    return LEVELS[effort]
 
 
 def sga_round(v, tau):
@@ -30,8 +37,7 @@ def sga_round(v, tau):
     low = torch.floor(v)
     frac = (v - low).clamp(1e-4, 1 - 1e-4)
     logits = torch.stack([-torch.atanh(frac), -torch.atanh(1 - frac)], -1) / tau
-    choice = torch.nn.functional.gumbel_softmax(logits, tau=1.0, hard=False)[..., 1]
-    return low + choice
+    return low + torch.nn.functional.gumbel_softmax(logits, tau=1.0, hard=False)[..., 1]
 
 
 def temperature(step, steps):
@@ -47,48 +53,84 @@ def image_tensor(rgb, stride, device):
     return torch.nn.functional.pad(x, pad, mode="replicate").to(device)
 
 
-def refine(model, latents, rgb, quality, effort, progress=None):
-    """Latents dict of an image → latents that the model codes at a lower rate–distortion cost (same keys,
-    integer values, on the CPU). `progress(step, steps)` is called after each step."""
-    steps = steps_of(effort)
-    if steps == 0:
+def refine(model, latents, start, rgb, quality, effort, progress=None):
+    """Effort 0's latents dict of an image → latents the model codes at a lower cost (same keys, integer
+    values, on the CPU), searched from `start` (the model's relaxed_latents). `progress(done, total)` is
+    called after each step."""
+    full, side = steps_of(effort)
+    side = side if model.SIDE_KEYS else 0
+    if full + side == 0:
         return latents
     h, w = rgb.shape[:2]
-    if h * w > MAX_PIXELS:
-        raise ValueError(f"an effort above 0 optimises the whole image at once: {w}×{h} is more than "
-                         f"{MAX_PIXELS / 2**20:.0f} M pixels (use effort 0)")
-    x = image_tensor(rgb, model.stride, next(model.parameters()).device)
-    best = (cost_of(model, latents, x, quality, (h, w)), latents)
+    if full and h * w > MAX_PIXELS:
+        raise ValueError(f"effort {effort} optimises the whole image at once: {w}×{h} is more than "
+                         f"{MAX_PIXELS / 2**20:.0f} M pixels (effort 3 or less searches only the side latents)")
+    device = next(model.parameters()).device
+    on = lambda d: {k: v.to(device, torch.float32)[None] for k, v in d.items()}  # noqa: E731 (batched, on the device)
+    tick = (lambda n: progress(n, full + side)) if progress else (lambda n: None)
     trainable = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # gradients of the latents only: the weights' would double the work
     try:
         with torch.enable_grad():
-            found = search(model, latents, x, quality, (h, w), steps, progress)
+            best = on(latents)
+            if full:
+                best = full_search(model, best, on(start), image_tensor(rgb, model.stride, device), quality,
+                                   (h, w), full, tick)
+            if side:
+                best = side_search(model, best, on(start), quality, side, lambda n: tick(full + n))
     finally:
         for p, flag in zip(model.parameters(), trainable):
             p.requires_grad_(flag)
-    return min(best, (cost_of(model, found, x, quality, (h, w)), found), key=lambda pair: pair[0])[1]
+    return {k: v[0].cpu() for k, v in best.items()}
 
 
-def search(model, latents, x, quality, size, steps, progress):
-    """Adam on the continuous latents under the SGA-relaxed cost; the rounded result (on the CPU)."""
-    variables = {k: v.to(x.device, torch.float32).clone().requires_grad_(True) for k, v in latents.items()}
-    opt = torch.optim.Adam(variables.values(), lr=LEARNING_RATE)
+class Adam:
+    """Adam (Kingma & Ba 2015, torch.optim's defaults) on a few tensors, written out because the first step
+    of torch.optim.Adam imports ~900 modules (2.6 s measured on a 2-core x86-64 CPU), more than a short
+    search itself takes."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.betas, self.eps, self.t = list(params), lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self):
+        """One update from the parameters' gradients (which it then clears)."""
+        (b1, b2), self.t = self.betas, self.t + 1
+        for p, m, v in zip(self.params, self.m, self.v):
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** self.t))
+            p.grad = None
+
+
+def adam_search(cost, variables, steps, lr, tick):
+    """Minimise cost(rounding) over the continuous variables with Adam under SGA rounding; rounded result."""
+    variables = {k: v.clone().requires_grad_(True) for k, v in variables.items()}
+    opt = Adam(variables.values(), lr=lr)
     for step in range(steps):
         tau = temperature(step, steps)
-        cost = model.rd_cost(variables, x, quality, size, lambda v: sga_round(v, tau))
-        opt.zero_grad(set_to_none=True)
-        cost.backward()
+        cost({k: sga_round(v, tau) for k, v in variables.items()}).backward()
         opt.step()
-        if progress:
-            progress(step + 1, steps)
-    return {k: torch.round(v.detach()).cpu() for k, v in variables.items()}
+        tick(step + 1)
+    return {k: torch.round(v.detach()) for k, v in variables.items()}
 
 
-@torch.no_grad()
-def cost_of(model, latents, x, quality, size):
-    """The model's rate–distortion cost of integer latents (what the search minimises)."""
-    device = x.device
-    return float(model.rd_cost({k: v.to(device, torch.float32) for k, v in latents.items()}, x, quality, size,
-                               lambda v: v))
+def full_search(model, base, start, x, quality, size, steps, tick):
+    """Every latent under rate + λ·distortion; the result if its rounded cost is below base's, else base."""
+    found = adam_search(lambda lat: model.rd_cost(lat, x, quality, size), start, steps, FULL_LR, tick)
+    with torch.no_grad():
+        better = model.rd_cost(found, x, quality, size) < model.rd_cost(base, x, quality, size)
+    return found if better else base
 
+
+def side_search(model, base, start, quality, steps, tick):
+    """The rate-only latents (model.SIDE_KEYS) with the others fixed at base's: bits alone decide."""
+    fixed = {k: v for k, v in base.items() if k not in model.SIDE_KEYS}
+    found = adam_search(lambda lat: model.rate_bits({**fixed, **lat}, quality),
+                        {k: start[k] for k in model.SIDE_KEYS}, steps, SIDE_LR, tick)
+    with torch.no_grad():
+        better = model.rate_bits({**fixed, **found}, quality) < model.rate_bits(base, quality)
+    return {**fixed, **found} if better else base

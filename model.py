@@ -12,6 +12,8 @@ Every model class offers the same coding interface, which is all that codec.py a
                                        latents ↔ payload bytes; the entropy coder is passed in
   estimated_bits(latents, quality)     the rate the model's own entropy model assigns
   ladder(qualities)                    the rates a benchmark measures the model at
+  relaxed_latents, rate_bits, rd_cost, SIDE_KEYS
+                                       what effort.py's encoder search needs (the seed refuses one)
 
 and for training: forward, evaluate, loss, draw_randomness, validation_qualities, initialise,
 refit, adopt, build_tables / has_tables. This module imports only quantize.py (and torch /
@@ -218,6 +220,16 @@ class SeedAutoEncoder(CodingModel):
         lo, freqs = self._table(latents["y"].numpy())
         counts = np.bincount(latents["y"].numpy().ravel() - lo, minlength=len(freqs))
         return float(-(counts * np.log2(freqs / 2.0 ** PRECISION)).sum())
+
+    def relaxed_latents(self, u, quality=None):
+        """The seed's latents are its symbols: nothing to search."""
+        return self.latents(u, quality)
+
+    SIDE_KEYS = ()  # latents that change only the rate (effort.py searches them without the synthesis)
+
+    def rd_cost(self, latents, x, quality, size):
+        """The seed has no rate term to trade against distortion: no encoder search (effort 0 only)."""
+        raise ValueError("the seed model has no rate–distortion cost to search: it codes at effort 0 only")
 
     def has_tables(self):
         """Always: the seed's table is made per image and stored in the file."""
@@ -520,6 +532,11 @@ class RDModel(CodingModel):
         """The whole image's unscaled latents (M, h, w) → {"y": integer latents at the quality}."""
         return {"y": self.quantize_latents(u[None], quality)[0]}
 
+    @torch.no_grad()
+    def relaxed_latents(self, u, quality):
+        """The latents before rounding (where effort.py's search starts)."""
+        return {"y": (u[None] * self.gains(quality)[0].to(u.device))[0]}
+
     def synthesize(self, y, quality):
         """Tile of integer latents (1, M, h, w) → image (1, 3, 16h, 16w), unclamped."""
         return self.decode_latents(y, quality)
@@ -540,6 +557,21 @@ class RDModel(CodingModel):
     def _likelihoods_of(self, latents, quality):
         """Likelihoods of a latents dict (unbatched, on the CPU) on the model's device."""
         return self.likelihoods(latents["y"][None].to(self.log_gain.device), quality)
+
+    # -- encoder search (effort.py)
+    SIDE_KEYS = ()  # latents that change only the rate, searched without the synthesis
+
+    def rate_bits(self, latents, quality):
+        """Bits of batched (rounded or relaxed) latents under the float entropy model; differentiable."""
+        return -torch.log2(self.prior.likelihood(latents["y"], self.gains(quality)[0].to(latents["y"].device))).sum()
+
+    def rd_cost(self, latents, x, quality, size):
+        """bits per pixel + λ·255²·MSE over the image's own size (h, w) of batched (rounded or relaxed) latents,
+        for the image x (1, 3, H, W) padded to the stride; differentiable."""
+        h, w = size
+        x_hat = self.g_s(latents["y"] * self.gains(quality)[1].to(x.device))
+        mse = F.mse_loss(x_hat[..., :h, :w], x[..., :h, :w])
+        return self.rate_bits(latents, quality) / (h * w) + float(self.lmbda(quality)) * 255 ** 2 * mse
 
     # -- training interface
     def draw_randomness(self, seeds, crop):
@@ -695,6 +727,11 @@ class HyperModel(RDModel):
         h_a runs on the whole latent image (1/16 of the pixels), in strips (side_latents), not in tiles."""
         return {"y": self.quantize_latents(u[None], quality)[0], "z": self.side_latents(u[None])[0]}
 
+    @torch.no_grad()
+    def relaxed_latents(self, u, quality):
+        """The latents and side latents before rounding (where effort.py's search starts)."""
+        return {"y": (u[None] * self.gains(quality)[0].to(u.device))[0], "z": self.side_latents(u[None], rounded=False)[0]}
+
     def _groups(self, z_hat, quality, size):
         """Order that groups latents (M, *size) by their integer scale index, and the count per index."""
         index = self.scale_index(z_hat[None], quality, size)[0].reshape(-1)
@@ -732,19 +769,30 @@ class HyperModel(RDModel):
         device = self.log_gain.device
         return self.likelihoods(latents["y"][None].to(device), quality, latents["z"][None].to(device))
 
+    SIDE_KEYS = ("z",)
+
+    def rate_bits(self, latents, quality):
+        """Bits of batched latents and side latents under the Gaussians the float h_s predicts (coding uses the
+        integer h_s, which agrees to within one table level); differentiable."""
+        y, z = latents["y"], latents["z"]
+        log_scale = self.h_s(z)[..., : y.shape[-2], : y.shape[-1]]
+        scale = torch.exp(log_scale) * self.gains(quality)[0].to(y.device)
+        return -torch.log2(self.gaussian.likelihood(y, scale)).sum() - torch.log2(self.prior.likelihood(z)).sum()
+
     def side_shape(self, shape):
         """Shape of the side latents z for latents of shape (M, h, w): h_a halves each side twice, rounding up."""
         return (self.cfg.H, -(-shape[1] // 4), -(-shape[2] // 4))
 
-    def side_latents(self, u, strip=4 * STRIP_ROWS):
-        """Integer side latents z of the unscaled latents u (B, M, h, w), computed over strips of
-        `strip` rows of u (a multiple of 4) with a halo, which bounds memory on large images."""
+    def side_latents(self, u, strip=4 * STRIP_ROWS, rounded=True):
+        """Integer (or, not rounded, continuous) side latents z of the unscaled latents u (B, M, h, w), computed
+        over strips of `strip` rows of u (a multiple of 4) with a halo, which bounds memory on large images."""
         h, parts = u.shape[2], []
         for r0 in range(0, h, strip):
             a, b = max(r0 - SIDE_HALO, 0), min(r0 + strip + SIDE_HALO, h)
             z = self.h_a(u[:, :, a:b].abs())
             parts.append(z[:, :, (r0 - a) // 4 : (r0 - a) // 4 + -(-min(strip, h - r0) // 4)])
-        return torch.round(torch.cat(parts, 2))
+        z = torch.cat(parts, 2)
+        return torch.round(z) if rounded else z
 
     def scale_index(self, z_hat, quality, size, strip=STRIP_ROWS):
         """Integer Gaussian table index (B, M, h, w) as uint8 of every latent, from integer side latents

@@ -42,9 +42,10 @@ class QaeImageFile(ImageFile.ImageFile):
 
 
 def _save(im, fp, filename):
-    """Pillow's writer: im.save(..., quality=Q, coder=...) with the shipped default model."""
+    """Pillow's writer: im.save(..., quality=Q, effort=E, coder=...) with the shipped default model."""
     options = im.encoderinfo
-    fp.write(qae.compress(im, quality=options.get("quality"), coder=options.get("coder", "constriction")))
+    fp.write(qae.compress(im, quality=options.get("quality"), effort=options.get("effort", qae.DEFAULT_EFFORT),
+                          coder=options.get("coder", "constriction")))
 
 
 Image.register_open(QaeImageFile.format, QaeImageFile, _accept)

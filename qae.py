@@ -2,6 +2,7 @@
 
     import qae
     data = qae.compress("photo.png", quality=4)      # a path, a file object, a PIL image or a uint8 array
+    data = qae.compress("photo.png", quality=4, effort=5)   # search longer for a smaller file
     image = qae.decompress(data)                    # a PIL image in the original size and mode
     qae.info(data)                                  # the header, without decoding
     codec = qae.Codec("weights/rd.pt")              # one checkpoint, loaded once, for many images
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 import codec
+from effort import DEFAULT as DEFAULT_EFFORT
 from checkpoint import DEFAULT_WEIGHTS, WEIGHTS_DIR, find_checkpoint, load_checkpoint
 from encryption import decrypt, encrypt, is_encrypted
 from imagefiles import image_arrays, read_image, to_pil
@@ -49,10 +51,13 @@ class Codec:
         self.model_id, self.kind = bytes.fromhex(ckpt["model_id"]), ckpt["kind"]
         self.device, self.weights_dir, self._models = device, weights_dir, {}
 
-    def compress(self, image, quality=None, coder="constriction", passphrase=None):
-        """An image → the bytes of a .qae file (encrypted when a passphrase is given)."""
+    def compress(self, image, quality=None, effort=DEFAULT_EFFORT, coder="constriction", passphrase=None,
+                 progress=None):
+        """An image → the bytes of a .qae file (encrypted when a passphrase is given). effort 0 … 9: higher
+        searches longer for a smaller file at the same quality (default 1, docs/effort.md); progress(done,
+        total) follows the search."""
         rgb, mode, alpha = as_arrays(image)
-        data = codec.compress(self.model, self.model_id, rgb, mode, alpha, quality, coder)
+        data = codec.compress(self.model, self.model_id, rgb, mode, alpha, quality, coder, effort, progress)
         return encrypt(data, passphrase) if passphrase else data
 
     def decompress(self, data, passphrase=None):
@@ -106,9 +111,9 @@ def default_codec():
     return _DEFAULT[0]
 
 
-def compress(image, quality=None, coder="constriction", passphrase=None):
+def compress(image, quality=None, effort=DEFAULT_EFFORT, coder="constriction", passphrase=None):
     """An image → .qae bytes with the default model (see Codec.compress)."""
-    return default_codec().compress(image, quality, coder, passphrase)
+    return default_codec().compress(image, quality, effort, coder, passphrase)
 
 
 def decompress(data, passphrase=None):

@@ -10,6 +10,7 @@ Folder mode prints, per image, size, bytes, bpp (from the file size), PSNR and e
 seconds (file I/O and entropy coding included), then the means and the bits over all pixels.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import os
@@ -22,6 +23,7 @@ from runtime import HelpFormatter
 ROOT = os.path.dirname(os.path.abspath(__file__))  # shipped weights and sample images are found from here
 WEIGHTS_DIR = os.path.join(ROOT, "weights")
 DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "hyper.pt")
+DEFAULT_EFFORT = 1  # effort.DEFAULT (not imported here: it would import torch before --help answers)
 
 
 def model_options(weights_help):
@@ -41,6 +43,9 @@ def encode_options():
     p.add_argument("--quality", type=float, default=None,
                    help="rd / hyper models: 1 (smallest) … 8 (best), fractions allowed; default: the highest")
     p.add_argument("--coder", default="constriction", help="entropy coder: constriction or arithmetic-compressor")
+    p.add_argument("--effort", type=int, default=DEFAULT_EFFORT,
+                   help="encoder effort 0 … 9: higher searches longer for smaller files at the same quality "
+                        "(the decoder is the same); see the README for what each level costs and saves")
     p.add_argument("--encrypt", action="store_true", help="password-protect new files (AES-256-GCM, scrypt key)")
     return p
 
@@ -120,15 +125,31 @@ def find_weights(data, args):
         raise FormatError(str(e)) from None
 
 
-def compress_timed(model, mid, src, dst, args, passphrase=None):
+def compress_timed(model, mid, src, dst, args, passphrase=None, show=False):
     """Compress one image file to dst atomically (encrypted if a passphrase is given); (bytes, seconds, notices)."""
     from codec import compress_file
     from encryption import encrypt
 
     t = time.perf_counter()
     seal = (lambda data: encrypt(data, passphrase)) if passphrase else None
-    data, notices = compress_file(model, mid, src, dst, args.quality, args.coder, seal)
+    with effort_bar(args.effort, show) as progress:
+        data, notices = compress_file(model, mid, src, dst, args.quality, args.coder, seal, args.effort, progress)
     return data, time.perf_counter() - t, notices
+
+
+@contextlib.contextmanager
+def effort_bar(effort, show):
+    """A progress bar of the encoder search (efforts from 4 on, which take seconds), or no bar."""
+    if not show or effort < 4:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=f"effort {effort}", unit="step", leave=False, file=sys.stderr) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        yield progress
 
 
 def read_input(path):
@@ -288,7 +309,7 @@ def compress_command(args):
     model, mid, _ = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
     passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
     src = io.BytesIO(read_input("-")) if args.input == "-" else args.input
-    data, seconds, notices = compress_timed(model, mid, src, args.output, args, passphrase)
+    data, seconds, notices = compress_timed(model, mid, src, args.output, args, passphrase, show=True)
     for n in notices:
         print(f"note: {n}", file=sys.stderr)
     print(f"{args.output}: {len(data)} bytes in {seconds:.2f} s", file=sys.stderr if args.output == "-" else sys.stdout)

@@ -1,0 +1,74 @@
+"""Encoder effort: effort 0 is the one-pass encoder, higher efforts code cheaper latents that today's
+decoder reads unchanged, and every model either searches or says why it cannot."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import codec
+import effort
+from checkpoint import load_checkpoint
+from conftest import ROOT, photo_like
+from imagefiles import read_image
+
+
+@pytest.fixture(scope="module")
+def hyper():
+    """The shipped default model and its identity."""
+    model, ckpt = load_checkpoint(os.path.join(ROOT, "weights", "hyper.pt"))
+    return model, bytes.fromhex(ckpt["model_id"])
+
+
+@pytest.fixture(scope="module")
+def crop():
+    """A 64×96 crop of a sample photo."""
+    return np.ascontiguousarray(read_image(os.path.join(ROOT, "tests", "conformance", "rgb_256x192.png"))[0][:64, :96])
+
+
+def cost(model, data, rgb, quality):
+    """The model's rate–distortion cost of the latents a file holds (what the search lowers)."""
+    _, latents, _ = codec.read_latents(model, codec.unpack(data)[0]["model_id"], data)
+    x = effort.image_tensor(rgb, model.stride, "cpu")
+    with torch.no_grad():
+        return float(model.rd_cost({k: v[None].float() for k, v in latents.items()}, x, quality, rgb.shape[:2]))
+
+
+def test_effort_0_is_the_one_pass_encoder(hyper, crop):
+    model, mid = hyper
+    assert codec.compress(model, mid, crop, quality=3, effort=0) == codec.compress(model, mid, crop, quality=3)
+
+
+@pytest.mark.parametrize("level", [2, 4])
+def test_higher_effort_costs_less_and_decodes_unchanged(hyper, crop, level):
+    """Side search (2) and full search (4): a lower cost than effort 0, and the same decoder reads the file."""
+    model, mid = hyper
+    torch.manual_seed(0)
+    base = codec.compress(model, mid, crop, quality=4)
+    searched = codec.compress(model, mid, crop, quality=4, effort=level)
+    assert searched != base and cost(model, searched, crop, 4) < cost(model, base, crop, 4)
+    rgb, mode, _ = codec.decompress(model, mid, searched)
+    assert rgb.shape == crop.shape and mode == "RGB"
+    assert np.array_equal(codec.decompress(model, mid, searched)[0], rgb)  # decoding stays deterministic
+
+
+def test_side_search_keeps_the_picture(hyper, crop):
+    """Effort 1–3 move only the side latents: the decoded image is effort 0's, the file smaller."""
+    model, mid = hyper
+    base, searched = (codec.compress(model, mid, crop, quality=6, effort=e) for e in (0, 3))
+    assert len(searched) < len(base)
+    assert np.array_equal(codec.decompress(model, mid, searched)[0], codec.decompress(model, mid, base)[0])
+
+
+def test_progress_and_bad_levels(hyper, seed_ckpt):
+    """progress(done, total) follows the search; levels outside 0 … 9 and the seed's full search are errors."""
+    model, mid = hyper
+    seen = []
+    codec.compress(model, mid, photo_like(32, 32), quality=2, effort=1, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (effort.LEVELS[1][1],) * 2 and len(seen) == effort.LEVELS[1][1]
+    for bad in (-1, 10, 2.5):
+        with pytest.raises(ValueError, match="effort"):
+            codec.compress(model, mid, photo_like(16, 16), effort=bad)
+    seed, ckpt = load_checkpoint(seed_ckpt)
+    with pytest.raises(ValueError, match="effort 0 only"):
+        codec.compress(seed, bytes.fromhex(ckpt["model_id"]), photo_like(32, 32), effort=4)
