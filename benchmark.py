@@ -246,13 +246,21 @@ def write_tradeoff(curves, reference, out):
     for c in curves:
         r = c["results"]
         bd, note = bd_rate(reference["results"], r) if c is not reference else (0.0, "reference")
-        rows.append((c["description"] or c["name"], bd, statistics.median(r["encoding_time_median"]),
+        rows.append((short_label(c), bd, statistics.median(r["encoding_time_median"]),
                      statistics.median(r["decoding_time_median"]), note))
     rows.sort(key=lambda row: row[2])
     lines = [f"| codec | BD-rate vs {reference['name']} | encode s | decode s | note |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {'n/a' if bd is None else f'{bd:+.1f} %'} | {e:.2f} | {d:.3f} | {note} |" for n, bd, e, d, note in rows]
     atomic_write(os.path.join(out, "speed_tradeoff.md"), ("\n".join(lines) + "\n").encode())
     plot_tradeoff(rows, reference["name"], os.path.join(out, "speed_tradeoff.png"))
+
+
+def short_label(curve):
+    """"ours: hyper, effort 3" for our curves, the codec's own description for the others."""
+    if not curve["name"].startswith("ours-"):
+        return curve["description"] or curve["name"]
+    found = re.match(r"ours-(.*?)(?:-e(\d+))?$", curve["name"])
+    return f"ours: {found.group(1)}, effort {found.group(2) or 0}"
 
 
 def plot_tradeoff(rows, reference, path):

@@ -34,6 +34,15 @@ def test_benchmark_end_to_end(rd_ckpt, tmp_path):
         assert Image.open(out / png).size[0] > 100
     assert "| JPEG 4:2:0" in (out / "bd_rates.md").read_text()
     assert (out / "ours.md").read_text().count("| rd_tiny |") == 3
+    duel = (out / "head_to_head.md").read_text()
+    assert "| codec | rd_tiny |" in duel and "| JPEG 4:2:0 (libjpeg-turbo) |" in duel
+    assert "| ours: rd_tiny, effort 0 | +0.0 % |" in (out / "speed_tradeoff.md").read_text()
+    assert Image.open(out / "speed_tradeoff.png").size[0] > 100
+    # --report-only rebuilds the tables from the JSONs without coding anything.
+    (out / "bd_rates.md").unlink()
+    r3 = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), "--out", str(out), "--report-only"],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r3.returncode == 0 and "| JPEG 4:2:0" in (out / "bd_rates.md").read_text(), r3.stderr
     # A re-run with the cache recomputes nothing: it is fast and gives the same numbers.
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r2.returncode == 0 and json.load(open(out / "jpeg420.json")) == json.load(open(out / "jpeg420.json"))
