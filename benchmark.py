@@ -243,7 +243,7 @@ def write_tradeoff(curves, reference, out):
     """speed_tradeoff.md / .png: BD-rate against our first curve (effort 0 when run so) and median encode
     seconds of every curve — the speed–compression trade-off of our effort levels and the codecs' speeds."""
     rows = []
-    for c in curves:
+    for c in (c for c in curves if "encoding_time_median" in c["results"]):  # published curves carry no times
         r = c["results"]
         bd, note = bd_rate(reference["results"], r) if c is not reference else (0.0, "reference")
         rows.append((short_label(c), bd, statistics.median(r["encoding_time_median"]),
