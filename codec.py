@@ -214,11 +214,11 @@ def analysis_of(model, rgb):
     return out
 
 
-def latents_of(model, rgb, quality):
+def latents_of(model, rgb, quality, u=None):
     """Integer latents of an image as the model's dict ("y" (C, h, w), and whatever else it codes), on the CPU;
-    quality as the model's quality_of returns it."""
-    latents = model.latents(analysis_of(model, rgb).to(_device(model)), quality)
-    return {k: v.cpu() for k, v in latents.items()}
+    quality as the model's quality_of returns it; u: the analysis output on the model's device, if at hand."""
+    u = analysis_of(model, rgb).to(_device(model)) if u is None else u
+    return {k: v.cpu() for k, v in model.latents(u, quality).items()}
 
 
 def image_of(model, latents, height, width, quality):
@@ -254,8 +254,8 @@ def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="
     encode, _ = encoder_of(coder), steps_of(effort)
     param = model.rate_param(quality)
     quality = model.quality_of(param)
-    u = analysis_of(model, rgb).to(_device(model))
-    latents = {k: v.cpu() for k, v in model.latents(u, quality).items()}
+    u = analysis_of(model, rgb).to(_device(model))  # kept: the search starts from it before rounding
+    latents = latents_of(model, rgb, quality, u)
     if effort:
         latents = refine(model, latents, model.relaxed_latents(u, quality), rgb, quality, effort, progress)
     payload = model.write_latents(latents, quality, encode)
