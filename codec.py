@@ -8,7 +8,7 @@ File layout (big-endian), version 4:
   offset size field
   0      3    magic b"QAE"
   3      1    format version (4)
-  4      1    model kind: 0 = seed (B-bit, per-image table), 1 = rd (factorized prior), 2 = hyper
+  4      1    model kind: 0 = seed (B-bit, per-image table), 1 = rd (factorized prior), 2 = hyper, 3 = ctx
   5      1    entropy coder: 0 = constriction (ANS; range coder in versions 2–3), 1 = arithmetic-compressor
   6      4    model identity (first 4 bytes of SHA-256 over the checkpoint's tensors)
   10     2,2  original height, width
@@ -25,6 +25,9 @@ integer table (whose last symbol is an escape), then the escaped values themselv
 fixed tables), so no latent is ever clamped. The hyper payload holds the side latents z the same way
 (one quality-independent table per channel), then the latents grouped by their integer scale index
 (computed from z by the integer hyper-synthesis), each group under its Gaussian table, then escapes.
+The ctx payload holds z the same way, then slice after slice the symbols round(y − μ) coded like the
+hyper latents, their means μ and scale indices computed by the integer networks from z and the slices
+before (kind 3 is read by this build only: older builds reject it as an unknown kind).
 Version 4 codes with constriction's ANS coder (faster than its range coder both ways, same size);
 versions 2 and 3 (range coder; hyper payloads only from 3) are still read. Version 1 (one table for
 all qualities, clamped tails) is no longer read.
@@ -51,7 +54,7 @@ MAGIC = b"QAE"
 VERSION = 4  # 3: hyper payloads code their smallest-scale latents sparsely; 4: ANS instead of the range coder
 READS = (2, 3, 4)
 HEADER = struct.Struct(">3sBBB4sHHBHHHHII")
-KINDS = ("seed", "rd", "hyper")
+KINDS = ("seed", "rd", "hyper", "ctx")
 CODERS = ("constriction", "arithmetic-compressor")
 RANGE_CODER = "constriction-range"  # what "constriction" meant before version 4: read, no longer written
 MAX_PIXELS = 1 << 28  # 268 M pixels: larger declared sizes are rejected before allocating

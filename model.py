@@ -671,6 +671,25 @@ def int_conv(layer, a, frac):
     return acc, shift + frac
 
 
+def convs_of(seq):
+    """The (transposed) convolutions of a sequential network, in order (its ReLUs are implied)."""
+    return [layer for layer in seq if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))]
+
+
+def int_net(convs, a, frac):
+    """An integer network: int_conv layer after layer, each hidden output through ReLU and floored to
+    ACT_BITS fractional bits; returns the last layer's exact accumulator (float64) and its fractional bits."""
+    for layer in convs[:-1]:
+        acc, f = int_conv(layer, a, frac)
+        a, frac = torch.floor(acc.clamp_min(0) * 2.0 ** (ACT_BITS - f)).clamp_max(ACT_MAX), ACT_BITS
+    return int_conv(convs[-1], a, frac)
+
+
+def fixed_point(acc, frac, bits):
+    """An exact accumulator with `frac` fractional bits, floored to `bits` fractional bits (exact: powers of two)."""
+    return torch.floor(acc * 2.0 ** (bits - frac))
+
+
 # Latents whose scale index is below SPARSE_LEVELS (scale 0.11) are ~40 % of a Kodak image's at
 # quality 4 and nearly all zero (measured: 1 in 100 … 3,000 is ±1): they are coded as the positions
 # and values of their few nonzeros, not one coder symbol each, which saves that share of the
@@ -684,6 +703,36 @@ def take_sparse(counts):
     n = int(counts[:SPARSE_LEVELS].sum())
     counts[:SPARSE_LEVELS] = 0
     return n
+
+
+def scale_groups(index):
+    """Order that groups latents by their integer scale index (uint8 tensor, any shape), and the count per index."""
+    # A stable sort's order is unique, so torch's (parallel, radix) sort gives every machine the same groups.
+    levels, order = torch.sort(index.reshape(-1), stable=True)
+    bounds = np.searchsorted(levels.numpy(), np.arange(GaussianConditional.LEVELS + 1, dtype=levels.numpy().dtype))
+    return order.numpy(), np.diff(bounds)
+
+
+def scale_segments(gaussian, values, index):
+    """Coder segments of integer values (numpy, any shape) under the Gaussian tables of their scale index: the
+    smallest-scale ones sparsely, the others grouped by index under their tables, then the escaped values."""
+    order, counts = scale_groups(index)
+    grouped, n_sparse = values.reshape(-1)[order], take_sparse(counts)
+    sym, escaped = gaussian.to_symbols(grouped[n_sparse:], counts)
+    groups = np.split(sym, np.cumsum(counts)[:-1])
+    return sparse_segments(grouped[:n_sparse]) + list(zip(groups, gaussian.tables())) + escape_segments(escaped)
+
+
+def read_scaled(gaussian, dec, index):
+    """Inverse of scale_segments: the values (float32 numpy, index's shape) from a SymbolDecoder."""
+    order, counts = scale_groups(index)
+    n_sparse = take_sparse(counts)
+    y = np.zeros(len(order), np.float32)
+    positions, values = read_sparse(dec, n_sparse)
+    y[order[positions]] = values
+    symbols = np.concatenate([dec.take(t, int(n)) for t, n in zip(gaussian.tables(), counts)])
+    y[order[n_sparse:]] = gaussian.from_symbols(symbols, counts, lambda count: read_escapes(dec, count))
+    return y.reshape(index.shape)
 
 
 class HyperModel(RDModel):
@@ -714,7 +763,7 @@ class HyperModel(RDModel):
         g, ig = (t.to(x.device) for t in self.gains(quality))
         u = self.g_a(x)
         y = u * g
-        z = self.h_a(u.abs())
+        z = self.h_a(self.hyper_input(u))
         z_tilde, z_lik = self.prior(z, training=True)
         y_tilde = y + (noise if noise is not None else torch.rand_like(y) - 0.5)
         log_scale = self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]]  # z is rounded up in size
@@ -732,37 +781,19 @@ class HyperModel(RDModel):
         """The latents and side latents before rounding (where effort.py's search starts)."""
         return {"y": (u[None] * self.gains(quality)[0].to(u.device))[0], "z": self.side_latents(u[None], rounded=False)[0]}
 
-    def _groups(self, z_hat, quality, size):
-        """Order that groups latents (M, *size) by their integer scale index, and the count per index."""
-        index = self.scale_index(z_hat[None], quality, size)[0].reshape(-1)
-        # A stable sort's order is unique, so torch's (parallel, radix) sort gives every machine the same groups.
-        levels, order = torch.sort(index, stable=True)
-        bounds = np.searchsorted(levels.numpy(), np.arange(GaussianConditional.LEVELS + 1, dtype=levels.numpy().dtype))
-        return order.numpy(), np.diff(bounds)
-
     def write_latents(self, latents, quality, encode):
-        """Payload: z under its factorized prior, the smallest-scale latents sparsely, the others grouped by
-        scale index under their Gaussian tables, then the escaped values."""
+        """Payload: z under its factorized prior, then the latents under the Gaussian tables of their scale index
+        (scale_segments)."""
         y, z = latents["y"], latents["z"]
-        order, counts = self._groups(z, quality, y.shape[1:])
-        grouped, n_sparse = y.numpy().reshape(-1)[order], take_sparse(counts)
-        sym, escaped = self.gaussian.to_symbols(grouped[n_sparse:], counts)
-        groups = np.split(sym, np.cumsum(counts)[:-1])
-        return encode(self.prior.segments(z, 0) + sparse_segments(grouped[:n_sparse])
-                      + list(zip(groups, self.gaussian.tables())) + escape_segments(escaped))
+        index = self.scale_index(z[None], quality, y.shape[1:])[0]
+        return encode(self.prior.segments(z, 0) + scale_segments(self.gaussian, y.numpy(), index))
 
     def read_latents(self, payload, shape, quality, open_decoder):
         """Inverse of write_latents: {"y": latents (M, h, w), "z": side latents}."""
         dec = open_decoder(payload)
         z = self.prior.read(dec, self.side_shape(shape), 0)
-        order, counts = self._groups(z, quality, shape[1:])
-        n_sparse = take_sparse(counts)
-        y = np.zeros(len(order), np.float32)
-        positions, values = read_sparse(dec, n_sparse)
-        y[order[positions]] = values
-        symbols = np.concatenate([dec.take(t, int(n)) for t, n in zip(self.gaussian.tables(), counts)])
-        y[order[n_sparse:]] = self.gaussian.from_symbols(symbols, counts, lambda count: read_escapes(dec, count))
-        return {"y": torch.from_numpy(y.reshape(shape)), "z": z}
+        y = read_scaled(self.gaussian, dec, self.scale_index(z[None], quality, shape[1:])[0])
+        return {"y": torch.from_numpy(y), "z": z}
 
     def _likelihoods_of(self, latents, quality):
         """Likelihoods of a latents dict (unbatched, on the CPU) on the model's device."""
@@ -789,7 +820,7 @@ class HyperModel(RDModel):
         h, parts = u.shape[2], []
         for r0 in range(0, h, strip):
             a, b = max(r0 - SIDE_HALO, 0), min(r0 + strip + SIDE_HALO, h)
-            z = self.h_a(u[:, :, a:b].abs())
+            z = self.h_a(self.hyper_input(u[:, :, a:b]))
             parts.append(z[:, :, (r0 - a) // 4 : (r0 - a) // 4 + -(-min(strip, h - r0) // 4)])
         z = torch.cat(parts, 2)
         return torch.round(z) if rounded else z
@@ -807,25 +838,28 @@ class HyperModel(RDModel):
         if stored_frac != self.index_frac or step <= 0:
             raise ValueError("hyper-synthesis changed since build_tables() (or no tables): rebuild the tables")
         offsets = self.index_offsets[self.table_level(quality)].view(1, -1, 1, 1).cpu()
+        out = torch.empty((z_hat.shape[0], self.cfg.M, *size), dtype=torch.uint8)
+        for r, acc in self._h_s_strips(z_hat, size, strip):
+            index = torch.div(acc.to(torch.int64) + offsets + step // 2, step, rounding_mode="floor")
+            out[:, :, r : r + acc.shape[2]] = index.clamp_(0, GaussianConditional.LEVELS - 1)
+        return out
+
+    def _h_s_strips(self, z_hat, size, strip=STRIP_ROWS):
+        """The integer hyper-synthesis of integer side latents, strip by strip with a halo: (first latent row,
+        exact output accumulator (B, C, rows, size[1]) in float64) per strip of `strip` rows of z."""
         z = z_hat.detach().to("cpu", torch.float64).clamp(-ACT_MAX, ACT_MAX)
-        out = torch.empty((z.shape[0], self.cfg.M, *size), dtype=torch.uint8)
         for r0 in range(0, z.shape[2], strip):
             a, b = max(r0 - INDEX_HALO, 0), min(r0 + strip + INDEX_HALO, z.shape[2])
             acc = self._int_h_s(z[:, :, a:b])[:, :, 4 * (r0 - a) : 4 * (r0 - a + strip)]
-            rows = out[:, :, 4 * r0 : 4 * (r0 + strip)]
-            index = torch.div(acc[..., : rows.shape[2], : size[1]].to(torch.int64) + offsets + step // 2, step,
-                              rounding_mode="floor")
-            rows.copy_(index.clamp_(0, GaussianConditional.LEVELS - 1))
-        return out
+            yield 4 * r0, acc[..., : max(0, size[0] - 4 * r0), : size[1]]
 
     def _int_h_s(self, a):
         """The integer hyper-synthesis on integer float64 side latents: exact output accumulator (float64)."""
-        frac = 0
-        convs = [layer for layer in self.h_s if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))]
-        for layer in convs[:-1]:
-            acc, frac = int_conv(layer, a, frac)
-            a, frac = torch.floor(acc.clamp_min(0) * 2.0 ** (ACT_BITS - frac)).clamp_max(ACT_MAX), ACT_BITS
-        return int_conv(convs[-1], a, frac)[0]
+        return int_net(convs_of(self.h_s), a, 0)[0]
+
+    def hyper_input(self, u):
+        """What h_a sees of the unscaled latents: their magnitudes (the scale hyperprior predicts no signs)."""
+        return u.abs()
 
     @property
     def index_frac(self):
@@ -869,10 +903,11 @@ class HyperModel(RDModel):
         u = self.g_a(x)
         last = self.h_s[-1]
         last.weight.zero_()
-        last.bias.copy_(u.std(dim=(0, 2, 3)).clamp_min(1e-3).log())
+        last.bias.zero_()  # the ctx model's means (its first M outputs) start at zero
+        last.bias[-self.cfg.M :] = u.std(dim=(0, 2, 3)).clamp_min(1e-3).log()
         # A random h_a gives |z| ≪ 1/2 on these small latents, so every z would round to 0 and the
         # hyperprior would stay closed (measured: it did for 600 steps); start z with a std of 2.
-        z = self.h_a(u.abs())
+        z = self.h_a(self.hyper_input(u))
         last = self.h_a[-1]
         scale = 2.0 / z.std().clamp_min(1e-6)
         last.weight.mul_(scale)
@@ -881,8 +916,243 @@ class HyperModel(RDModel):
             return self.prior.fit(z * scale)
 
 
+# ----------------------------------------------------------------------------- context model
+@dataclass
+class CtxConfig(HyperConfig):
+    """Hyper model with a mean-scale hyperprior and channel-wise context: the M latent channels in slices,
+    each slice's means and scales predicted from the hyperprior and the slices decoded before it."""
+
+    slices: tuple = (16, 16, 32, 64, 64)  # uneven, small first: the first channels carry the most energy
+    context: int = 96  # hidden channels of each slice's context network
+    kind: str = "ctx"
+
+
+MEAN_BITS = 8  # fractional bits of the integer means, and so of the decoded latents ŷ = μ + symbol
+GAIN_BITS = 16  # fractional bits of the integer gains that scale the means and the context inputs
+LOG_BITS = 16  # fractional bits of the integer log-scales (the scale-index units)
+CONTEXT_ROWS = 64  # latent rows per strip of the integer context networks (their 3×3 layer needs 1 row of halo)
+VALUE_MAX = 1 << 40  # decoded latents are clamped here in fixed point, so every product fits in int64
+
+
+def context_net(cin, hidden, cout):
+    """One slice's context network: a 3×3 convolution over the hyperprior's outputs and the decoded slices, two 1×1."""
+    return nn.Sequential(nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+                         nn.Conv2d(hidden, cout, 1))
+
+
+class CtxModel(HyperModel):
+    """The hyper model with a mean-scale hyperprior and a channel-wise context model (Minnen & Singh 2020,
+    uneven slices as in He et al. 2022): h_s predicts a mean and a log-scale per latent, and each slice's
+    context network refines them from the slices already decoded. Decoding runs slice after slice, every
+    slice in parallel.
+
+    Every number that decides a symbol's table or its value is integer: h_s and the context networks run
+    as integer networks (int_net), the mean is fixed point with MEAN_BITS fractional bits, the coded symbol
+    is round(y − μ) and the decoder's latent is exactly μ + symbol. The quality's gains enter as stored
+    integers per table quality (gain_units, igain_units), like the scale-index offsets.
+    """
+
+    FIT_NOTE = ", hyperprior started as per-channel zero-mean Gaussians"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        m, h = cfg.M, cfg.H
+        if sum(cfg.slices) != m or min(cfg.slices) < 1:
+            raise ValueError(f"slices {cfg.slices} do not split the {m} latent channels")
+        self.h_a[0] = nn.Conv2d(2 * m, h, 3, padding=1)  # sees u and |u|: the means need the signs
+        self.h_s[-1] = nn.Conv2d(h, 2 * m, 3, padding=1)  # means, then log-scales
+        ends = np.cumsum(cfg.slices).tolist()
+        self.bounds = list(zip([0] + ends[:-1], ends))
+        self.context = nn.ModuleList(context_net(2 * (b - a) + a, cfg.context, 2 * (b - a)) for a, b in self.bounds[1:])
+        for net in self.context:  # start as the plain mean-scale hyperprior
+            nn.init.zeros_(net[-1].weight)
+            nn.init.zeros_(net[-1].bias)
+        self.register_buffer("gain_units", torch.zeros(0, m, dtype=torch.int64))  # round(gain · 2^GAIN_BITS)
+        self.register_buffer("igain_units", torch.zeros(0, m, dtype=torch.int64))  # of the inverse gains
+
+    def hyper_input(self, u):
+        """What h_a sees of the unscaled latents: the latents and their magnitudes."""
+        return torch.cat([u, u.abs()], 1)
+
+    def _slices(self, h, y, g, ig):
+        """Float context chain (training and estimates): h_s' output h, the latents y and the gains → the means
+        and log-scales of every latent (y units) and the decoded latents μ + round(y − μ) (straight through)."""
+        m, means, log_scales, decoded = self.cfg.M, [], [], []
+        for k, (a, b) in enumerate(self.bounds):
+            mean, log_scale = h[:, a:b], h[:, m + a : m + b]
+            if k:
+                d = self.context[k - 1](torch.cat([mean, log_scale, torch.cat(decoded, 1) * ig[:, :a]], 1))
+                mean, log_scale = mean + d[:, : b - a], log_scale + d[:, b - a :]
+            mean = mean * g[:, a:b]
+            decoded.append(ste_round(y[:, a:b] - mean) + mean)
+            means.append(mean)
+            log_scales.append(log_scale)
+        return torch.cat(means, 1), torch.cat(log_scales, 1), torch.cat(decoded, 1)
+
+    def forward(self, x, quality, noise=None):
+        """Training pass: noisy latents around their means for the rate, μ + round(y − μ) for the decoder."""
+        g, ig = (t.to(x.device) for t in self.gains(quality))
+        u = self.g_a(x)
+        y = u * g
+        z_tilde, z_lik = self.prior(self.h_a(self.hyper_input(u)), training=True)
+        h = self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]]
+        mean, log_scale, y_hat = self._slices(h, y, g, ig)
+        y_tilde = y + (noise if noise is not None else torch.rand_like(y) - 0.5)
+        y_lik = self.gaussian.likelihood(y_tilde - mean, torch.exp(log_scale) * g)
+        return {"x_hat": self.g_s(y_hat * ig), "likelihoods": [y_lik, z_lik]}
+
+    def rate_bits(self, latents, quality):
+        """Bits of batched latents and side latents under the float networks' means and scales; differentiable."""
+        y, z = latents["y"], latents["z"]
+        g, ig = (t.to(y.device) for t in self.gains(quality))
+        mean, log_scale, _ = self._slices(self.h_s(z)[..., : y.shape[-2], : y.shape[-1]], y, g, ig)
+        bits = -torch.log2(self.gaussian.likelihood(y - mean, torch.exp(log_scale) * g)).sum()
+        return bits - torch.log2(self.prior.likelihood(z)).sum()
+
+    # -- the integer chain (coding)
+    @property
+    def index_frac(self):
+        """Fractional bits of the integer log-scales the table index is taken from."""
+        return LOG_BITS
+
+    def build_tables(self):
+        """The hyper model's tables (units of LOG_BITS) and the integer gains of every table quality."""
+        super().build_tables()
+        g, ig = (t.detach().squeeze(-1).squeeze(-1).double().cpu() for t in self.gains(self.table_qualities()))
+        self.gain_units = torch.round(g * 2.0**GAIN_BITS).to(torch.int64)
+        self.igain_units = torch.round(ig * 2.0**GAIN_BITS).to(torch.int64)
+
+    def has_tables(self):
+        """True once every integer table, the index offsets and the integer gains are built or loaded."""
+        return super().has_tables() and self.gain_units.numel() > 0 and self.igain_units.numel() > 0
+
+    def _hyper_fixed(self, z_hat, size):
+        """Integer h_s of z (1, H, …) → its outputs at ACT_BITS fractional bits (2M, h, w; exact in float32, the
+        context networks' input) and the log-scales at LOG_BITS (M, h, w; int64)."""
+        m, frac = self.cfg.M, weight_shift(self.h_s[-1]) + ACT_BITS
+        feats = torch.empty((2 * m, *size), dtype=torch.float32)
+        log_scale = torch.empty((m, *size), dtype=torch.int64)
+        for r, acc in self._h_s_strips(z_hat, size):
+            feats[:, r : r + acc.shape[2]] = fixed_point(acc[0], frac, ACT_BITS).clamp(-ACT_MAX, ACT_MAX)
+            log_scale[:, r : r + acc.shape[2]] = fixed_point(acc[0, m:], frac, LOG_BITS).to(torch.int64)
+        return feats, log_scale
+
+    def _int_context(self, k, x):
+        """Slice k's integer context network on its float64 integer input (C, h, w) at ACT_BITS, in strips of rows:
+        (exact accumulator (2·slice, h, w), its fractional bits)."""
+        convs, rows, parts = convs_of(self.context[k - 1]), x.shape[1], []
+        for r0 in range(0, rows, CONTEXT_ROWS):
+            a, b = max(r0 - 1, 0), min(r0 + CONTEXT_ROWS + 1, rows)
+            acc, frac = int_net(convs, x[None, :, a:b], ACT_BITS)
+            parts.append(acc[0, :, r0 - a : r0 - a + min(CONTEXT_ROWS, rows - r0)])
+        return torch.cat(parts, 1), frac
+
+    def _chain(self, z_hat, quality, size, pick):
+        """The integer context chain: slice after slice, the exact mean (MEAN_BITS fixed point, y units) and
+        scale index of every latent; pick(a, b, mean, index) gives the slice's integer symbols (the encoder
+        rounds, the decoder reads). Returns the decoded latents μ + symbol in MEAN_BITS fixed point (int64)."""
+        stored_frac, step = self.index_units.tolist()
+        if stored_frac != LOG_BITS or step <= 0 or self.gain_units.numel() == 0:
+            raise ValueError("no integer tables (or built for other weights): rebuild the tables")
+        level, m = self.table_level(quality), self.cfg.M
+        gain, igain, offsets = (t[level].view(-1, 1, 1).cpu() for t in (self.gain_units, self.igain_units, self.index_offsets))
+        feats, log_scales = self._hyper_fixed(z_hat, size)
+        y = torch.zeros((m, *size), dtype=torch.int64)
+        inputs = torch.zeros((m, *size), dtype=torch.float64)  # ŷ · inverse gain at ACT_BITS: what the context sees
+        for k, (a, b) in enumerate(self.bounds):
+            mean, log_scale = feats[a:b].double(), log_scales[a:b]
+            if k:
+                x = torch.cat([feats[a:b].double(), feats[m + a : m + b].double(), inputs[:a]])
+                acc, frac = self._int_context(k, x)
+                mean = mean + fixed_point(acc[: b - a], frac, ACT_BITS)
+                log_scale = log_scale + fixed_point(acc[b - a :], frac, LOG_BITS).to(torch.int64)
+            mean = torch.div(mean.clamp(-ACT_MAX, ACT_MAX).to(torch.int64) * gain[a:b], 1 << (ACT_BITS + GAIN_BITS - MEAN_BITS),
+                             rounding_mode="floor")
+            index = torch.div(log_scale + offsets[a:b] + step // 2, step, rounding_mode="floor")
+            symbols = pick(a, b, mean, index.clamp_(0, GaussianConditional.LEVELS - 1).to(torch.uint8))
+            y[a:b] = (mean + symbols.to(torch.int64) * (1 << MEAN_BITS)).clamp_(-VALUE_MAX, VALUE_MAX)
+            inputs[a:b] = torch.div(y[a:b] * igain[a:b], 1 << (MEAN_BITS + GAIN_BITS - ACT_BITS),
+                                    rounding_mode="floor").double().clamp_(-ACT_MAX, ACT_MAX)
+        return y
+
+    @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
+    def latents(self, u, quality):
+        """The whole image's unscaled latents (M, h, w) → {"y": decoded latents μ + round(y − μ) (float64, exact),
+        "z": integer side latents}."""
+        y = (u[None] * self.gains(quality)[0].to(u.device))[0].cpu().double()
+        z = self.side_latents(u[None])[0].cpu()
+        rounding = lambda a, b, mean, index: torch.round(y[a:b] - mean / 2.0**MEAN_BITS)  # noqa: E731
+        return {"y": self._chain(z[None], quality, y.shape[1:], rounding).double() / 2.0**MEAN_BITS, "z": z}
+
+    def _symbols(self, latents, quality):
+        """The integer symbols and scale indices of a latents dict, slice by slice: [(symbols, index), …]."""
+        y, coded = torch.round(latents["y"].double() * 2.0**MEAN_BITS).to(torch.int64), []
+
+        def given(a, b, mean, index):
+            """The symbols of the given latents: (ŷ − μ) in whole steps."""
+            coded.append((torch.div(y[a:b] - mean + (1 << (MEAN_BITS - 1)), 1 << MEAN_BITS, rounding_mode="floor"), index))
+            return coded[-1][0]
+
+        self._chain(latents["z"][None], quality, y.shape[1:], given)
+        return coded
+
+    def write_latents(self, latents, quality, encode):
+        """Payload: z under its factorized prior, then slice after slice the symbols round(y − μ) under the
+        Gaussian tables of their scale index (scale_segments)."""
+        segments = self.prior.segments(latents["z"], 0)
+        for symbols, index in self._symbols(latents, quality):
+            segments += scale_segments(self.gaussian, symbols.numpy(), index)
+        return encode(segments)
+
+    def read_latents(self, payload, shape, quality, open_decoder):
+        """Inverse of write_latents: {"y": decoded latents (M, h, w), "z": side latents}."""
+        dec = open_decoder(payload)
+        z = self.prior.read(dec, self.side_shape(shape), 0)
+        read = lambda a, b, mean, index: torch.from_numpy(read_scaled(self.gaussian, dec, index)).to(torch.int64)  # noqa: E731
+        return {"y": self._chain(z[None], quality, shape[1:], read).double() / 2.0**MEAN_BITS, "z": z}
+
+    def likelihoods(self, y_hat, quality, z_hat):
+        """Likelihoods of decoded latents (1, M, h, w) under the integer means and table scales, and of z_hat."""
+        scales = GaussianConditional.table_scales().to(torch.float32)
+        parts = self._symbols({"y": y_hat[0].cpu(), "z": z_hat[0].cpu()}, quality)
+        lik = torch.cat([self.gaussian.likelihood(s.float(), scales[index.long()]) for s, index in parts])
+        return [lik[None].to(y_hat.device), self.prior.likelihood(z_hat)]
+
+    def evaluate(self, x, quality):
+        """Real-coding pass (validation): the coder's integer means and scale indices, per sample."""
+        ig = self.gains(quality)[1]
+        u = self.g_a(x)
+        self.build_tables()  # the weights move during training: tables of the current ones
+        decoded = [self.latents(u[i], float(q)) for i, q in enumerate(quality.tolist())]
+        y_hat = torch.stack([d["y"] for d in decoded]).to(x.device, torch.float32)
+        per_sample = [self.likelihoods(y_hat[i : i + 1], float(q), d["z"][None].to(x.device))
+                      for i, (q, d) in enumerate(zip(quality.tolist(), decoded))]
+        lik = [torch.cat(parts) for parts in zip(*per_sample)]
+        return {"x_hat": self.g_s(y_hat * ig.to(x.device)), "likelihoods": lik}
+
+    @torch.no_grad()
+    def adopt(self, source):
+        """Copy what fits of another model; from a scale hyperprior (hyper), h_a's |u| half and h_s' log-scale
+        half too, the means starting at zero, so the new model starts coding exactly as the old one."""
+        skipped = super().adopt(source)
+        m = self.cfg.M
+        first, last = source.h_a[0].weight, source.h_s[-1].weight
+        if first.shape[1] == m and last.shape[0] == m:
+            self.h_a[0].weight.zero_()
+            self.h_a[0].weight[:, m:] = first
+            self.h_a[0].bias.copy_(source.h_a[0].bias)
+            self.h_s[-1].weight.zero_()
+            self.h_s[-1].weight[m:] = last
+            self.h_s[-1].bias.zero_()
+            self.h_s[-1].bias[m:] = source.h_s[-1].bias
+            skipped = [k for k in skipped if k not in ("h_a.0.weight", "h_s.4.weight", "h_s.4.bias")]
+        self.build_tables()
+        return skipped
+
+
 # ----------------------------------------------------------------------------- registry
-KINDS = {"seed": (SeedConfig, SeedAutoEncoder), "rd": (RDConfig, RDModel), "hyper": (HyperConfig, HyperModel)}
+KINDS = {"seed": (SeedConfig, SeedAutoEncoder), "rd": (RDConfig, RDModel), "hyper": (HyperConfig, HyperModel),
+         "ctx": (CtxConfig, CtxModel)}
 
 
 def build_model(config):

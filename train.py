@@ -20,12 +20,13 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from dataset import CropDataset, split_paths
 from imagefiles import list_images
-from model import HyperConfig, RDConfig, SeedConfig, build_model
+from model import CtxConfig, HyperConfig, RDConfig, SeedConfig, build_model
 from runtime import HelpFormatter, keep_freed_memory, resolve_device
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192),
-              "hyper": dict(N=80, M=192, H=64)}
+              "hyper": dict(N=80, M=192, H=64), "ctx": dict(N=80, M=192, H=64)}
+CONFIGS = {"ctx": CtxConfig}  # the presets' config classes beside RDConfig / HyperConfig (those with H)
 
 
 def parse_args(argv=None):
@@ -34,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="rd", choices=SEED_ARCHS + tuple(RD_PRESETS),
                    help="model preset: resnet18/34/50/101 = the seed auto-encoder (resnet101 is the "
                         "seed's own), rd / rd-small / rd-large = the rate–distortion codec (factorized prior), "
-                        "hyper = the same with a scale hyperprior")
+                        "hyper = the same with a scale hyperprior, ctx = with a mean-scale hyperprior and "
+                        "channel-wise context (start it from a hyper checkpoint with --init)")
     p.add_argument("--train-dir", default="data/train", help="folder of training photos (searched recursively)")
     p.add_argument("--val-dir", default="data/val",
                    help="folder of validation photos; if missing or empty, --val-fraction of the training set is held out")
@@ -103,7 +105,7 @@ def make_model(args):
     channels = dict(RD_PRESETS[args.arch])
     if args.rd_channels:
         channels.update(zip("NMH" if "H" in channels else "NM", (int(c) for c in args.rd_channels.split(","))))
-    cfg_cls = HyperConfig if "H" in channels else RDConfig
+    cfg_cls = CONFIGS.get(args.arch, HyperConfig if "H" in channels else RDConfig)
     cfg = cfg_cls(**channels)
     if args.quality:
         lam = float(build_model(cfg).lmbda(args.quality))
@@ -399,7 +401,7 @@ def training_layout(args):
     5×5 stride-2 maps are slow in channels_last; rd's 8 × 128² 16.5 vs 15.4 in channels_last)."""
     layout = args.layout
     if layout == "auto":
-        layout = "nchw" if args.arch == "hyper" and not args.device.startswith("cuda") else "channels_last"
+        layout = "nchw" if args.arch in ("hyper", "ctx") and not args.device.startswith("cuda") else "channels_last"
     return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 

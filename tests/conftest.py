@@ -10,10 +10,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from checkpoint import save_checkpoint  # noqa: E402
-from model import HyperConfig, RDConfig, SeedConfig, build_model  # noqa: E402
+from model import CtxConfig, HyperConfig, RDConfig, SeedConfig, build_model  # noqa: E402
 
 TINY_RD = RDConfig(N=16, M=24)
 TINY_HYPER = HyperConfig(N=16, M=24, H=8)
+TINY_CTX = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16)
 TINY_SEED = SeedConfig(arch="resnet18", latent_channels=32, decoder_channels=(32, 16, 16, 8, 8))
 
 
@@ -29,6 +30,8 @@ def tiny_checkpoint(folder, config, name):
     """Save a tiny untrained model of config (seeded) with its integer tables built; returns the path."""
     torch.manual_seed(0)
     model = build_model(config).eval()
+    for net in getattr(model, "context", ()):  # context networks start at zero: give them something to say
+        torch.nn.init.normal_(net[-1].weight, 0, 0.1)
     model.build_tables()
     path = str(folder / name)
     save_checkpoint(path, model, step=0)
@@ -45,6 +48,12 @@ def rd_ckpt(tmp_path_factory):
 def hyper_ckpt(tmp_path_factory):
     """Path of a tiny untrained hyperprior checkpoint with its integer tables built."""
     return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_HYPER, "hyper_tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def ctx_ckpt(tmp_path_factory):
+    """Path of a tiny untrained context-model checkpoint (3 slices) with its integer tables built."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_CTX, "ctx_tiny.pt")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,119 @@
+"""The context model (ctx): integer means and scales, their agreement with the float networks, and its start
+from a hyper checkpoint."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import model as model_module
+from checkpoint import load_checkpoint
+from codec import compress, decompress, read_latents
+from conftest import TINY_CTX, TINY_HYPER, photo_like
+from model import MEAN_BITS, CtxModel, build_model
+from quantize import GaussianConditional
+
+
+@pytest.fixture(scope="module")
+def ctx(ctx_ckpt):
+    """The tiny ctx model (random context networks) and its identity."""
+    m, ckpt = load_checkpoint(ctx_ckpt)
+    return m, bytes.fromhex(ckpt["model_id"])
+
+
+def integer_and_float(m, u, quality):
+    """The integer chain's (means, scale indices) of an image's latents, and the float networks' on the same
+    decoded latents."""
+    lat = m.latents(u, quality)
+    means, indices = [], []
+
+    def record(a, b, mean, index):
+        means.append(mean.double() / 2**MEAN_BITS)
+        indices.append(index.long())
+        return torch.round(lat["y"][a:b] - mean.double() / 2**MEAN_BITS)
+
+    m._chain(lat["z"][None], quality, lat["y"].shape[1:], record)
+    g, ig = m.gains(quality)
+    with torch.no_grad():
+        h = m.h_s(lat["z"][None])[..., : u.shape[1], : u.shape[2]]
+        mean_f, log_scale, _ = m._slices(h, lat["y"][None].float(), g, ig)
+        log_s = log_scale + g.log()
+    ref = torch.round((log_s - np.log(GaussianConditional.SCALE_MIN)) / GaussianConditional.log_step())
+    return torch.cat(means), torch.cat(indices), mean_f[0].double(), ref[0].clamp(0, GaussianConditional.LEVELS - 1)
+
+
+@pytest.mark.parametrize("quality", [1.0, 4.25, 8.0])
+def test_integer_means_and_scales_match_the_float_networks(ctx, quality):
+    """Integer means within a few hundredths of a step of the float ones; table indices the same for > 98 %
+    of latents and never more than one level apart (the tables' gains are those of a table quality)."""
+    m, _ = ctx
+    torch.manual_seed(1)
+    u = torch.randn(TINY_CTX.M, 12, 20) * 3
+    mean_i, index_i, mean_f, index_f = integer_and_float(m, u, quality)
+    assert (mean_i - mean_f).abs().max() < 0.05
+    assert (index_i - index_f).abs().max() <= 1 and (index_i == index_f).float().mean() > 0.98
+
+
+def test_decoded_latents_are_mean_plus_whole_steps_and_round_trip(ctx):
+    """ŷ − μ is a whole number for every latent, and decoding gives the encoder's latents exactly."""
+    m, mid = ctx
+    rgb = photo_like(80, 112, 2)
+    data = compress(m, mid, rgb, quality=5.5)
+    _, lat, q = read_latents(m, mid, data)
+    means = []
+    m._chain(lat["z"][None], q, lat["y"].shape[1:], lambda a, b, mean, index: means.append(mean) or
+             torch.round(lat["y"][a:b] - mean.double() / 2**MEAN_BITS))
+    steps = lat["y"] - torch.cat(means).double() / 2**MEAN_BITS
+    assert torch.equal(steps, torch.round(steps))
+    assert (torch.cat(means) % (1 << MEAN_BITS) != 0).float().mean() > 0.5  # the means are not whole numbers
+    out, _, _ = decompress(m, mid, data)
+    assert out.shape == rgb.shape
+
+
+def test_fresh_tables_decode_like_the_stored_ones(ctx):
+    """Tables rebuilt from the weights give the stored tables' latents bit for bit."""
+    m, mid = ctx
+    data = compress(m, mid, photo_like(64, 64, 5), quality=3)
+    stored = read_latents(m, mid, data)[1]
+    fresh = copy.deepcopy(m)
+    fresh.build_tables()
+    again = read_latents(fresh, mid, data)[1]
+    assert all(torch.equal(stored[k], again[k]) for k in stored)
+
+
+def test_context_in_strips_equals_the_whole(ctx, monkeypatch):
+    """Strips of rows (the memory bound on large images) give exactly the whole image's latents."""
+    m, _ = ctx
+    u = torch.randn(TINY_CTX.M, 23, 9) * 3
+    whole = m.latents(u, 4.0)
+    monkeypatch.setattr(model_module, "CONTEXT_ROWS", 5)
+    monkeypatch.setattr(model_module, "STRIP_ROWS", 2)
+    strips = m.latents(u, 4.0)
+    assert torch.equal(whole["y"], strips["y"]) and torch.equal(whole["z"], strips["z"])
+
+
+def test_started_from_hyper_it_codes_as_hyper(hyper_ckpt):
+    """adopt() of a hyper model gives zero means and the same scales: the same file size to within 1 % and the
+    same picture (± 1 level) as the hyper model, give or take the fixed bytes of each slice."""
+    hyper, ckpt = load_checkpoint(hyper_ckpt)
+    torch.manual_seed(0)
+    ctx = CtxModel(model_module.CtxConfig(N=TINY_HYPER.N, M=TINY_HYPER.M, H=TINY_HYPER.H, slices=(8, 16)))
+    ctx.adopt(hyper)
+    ctx.eval()
+    rgb = photo_like(192, 256, 7)
+    a, b = compress(hyper, b"hhhh", rgb, quality=4), compress(ctx, b"cccc", rgb, quality=4)
+    assert abs(len(a) - len(b)) <= 0.01 * len(a) + 4 * len(ctx.bounds)  # + each slice's sparse / escape headers
+    pa, pb = decompress(hyper, b"hhhh", a)[0], decompress(ctx, b"cccc", b)[0]
+    assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1
+
+
+def test_training_pass_reaches_the_context_networks():
+    """The training loss has gradients in every slice's context network (they start at zero output)."""
+    torch.manual_seed(0)
+    m = build_model(TINY_CTX)
+    x = torch.rand(2, 3, 64, 64)
+    quality, noise = m.draw_randomness(torch.tensor([1, 2]), 64)
+    loss, parts = m.loss(x, m(x, quality, noise), quality)
+    loss.backward()
+    assert all(net[-1].weight.grad.abs().sum() > 0 for net in m.context)
+    assert parts["bpp"] > 0
