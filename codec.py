@@ -74,8 +74,9 @@ def pack(header, payload, alpha=b""):
     return body + struct.pack(">I", zlib.crc32(body))
 
 
-def unpack(data):
-    """Parse and check file bytes; returns (header dict, payload, alpha) or raises FormatError."""
+def unpack(data, max_pixels=MAX_PIXELS):
+    """Parse and check file bytes; returns (header dict, payload, alpha) or raises FormatError (also for a
+    declared size above max_pixels: decoding needs memory in proportion to it)."""
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise FormatError("not a QAE compressed file (wrong magic bytes)")
     if len(data) < HEADER_BYTES:
@@ -92,7 +93,7 @@ def unpack(data):
         raise FormatError("file corrupted (CRC-32 mismatch)")
     if kind >= len(KINDS) or coder >= len(CODERS) or mode >= len(MODES):
         raise FormatError("file corrupted (unknown model kind, coder or mode)")
-    if h == 0 or w == 0 or h * w > MAX_PIXELS or c == 0 or lh == 0 or lw == 0:
+    if h == 0 or w == 0 or h * w > max_pixels or c == 0 or lh == 0 or lw == 0:
         raise FormatError(f"file declares an impossible size ({w}×{h}, latent {c}×{lh}×{lw})")
     coder = CODERS[coder]
     if coder == "constriction" and version < 4:
@@ -268,12 +269,13 @@ def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="
     return pack(header, payload, packed_alpha)
 
 
-def read_latents(model, model_id, data):
-    """File bytes → (header, latents dict, quality); FormatError for any bad file.
+def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
+    """File bytes → (header, latents dict, quality); FormatError for any bad file or one declaring more than
+    max_pixels.
 
     Only integer tables decide the symbols, so the latents are bit-identical on every machine.
     """
-    header, payload, _ = unpack(data)
+    header, payload, _ = unpack(data, max_pixels)
     if header["model_id"] != model_id:
         raise FormatError(f"file was made by model {header['model_id'].hex()}, "
                           f"but the loaded weights are {model_id.hex()}")
@@ -296,9 +298,10 @@ def read_latents(model, model_id, data):
     return header, latents, quality
 
 
-def decompress(model, model_id, data):
-    """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file."""
-    header, latents, quality = read_latents(model, model_id, data)
+def decompress(model, model_id, data, max_pixels=MAX_PIXELS):
+    """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file or one declaring more
+    than max_pixels."""
+    header, latents, quality = read_latents(model, model_id, data, max_pixels)
     h, w = header["height"], header["width"]
     rgb = image_of(model, latents, h, w, quality)
     alpha = None

@@ -46,10 +46,17 @@ def derive_key(passphrase, salt, log2_n, r, p):
     return Scrypt(salt=salt, length=32, n=1 << log2_n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
+def valid_parameters(log2_n, r, p):
+    """True for scrypt parameters within the limits, with N < 2^(16 r) (RFC 7914; OpenSSL refuses others)."""
+    return 1 <= log2_n <= MAX_LOG2_N and 1 <= r <= MAX_R and 1 <= p <= MAX_P and log2_n < 16 * r
+
+
 def encrypt(data, passphrase, log2_n=DEFAULT_LOG2_N, r=DEFAULT_R, p=DEFAULT_P):
     """Encrypt a compressed file's bytes with a fresh salt and nonce; returns the encrypted file."""
     if not passphrase:
         raise ValueError("empty passphrase")
+    if not valid_parameters(log2_n, r, p):
+        raise ValueError(f"scrypt parameters log2(N) = {log2_n}, r = {r}, p = {p} out of range")
     salt, nonce = os.urandom(16), os.urandom(12)
     clear = CLEAR.pack(MAGIC, VERSION, log2_n, r, p, salt, nonce)
     return clear + AESGCM(derive_key(passphrase, salt, log2_n, r, p)).encrypt(nonce, data, clear)
@@ -62,11 +69,13 @@ def decrypt(data, passphrase):
     _, version, log2_n, r, p, salt, nonce = CLEAR.unpack_from(data)
     if version != VERSION:
         raise DecryptionError(f"encryption version {version} is not supported")
-    if not (1 <= log2_n <= MAX_LOG2_N and 1 <= r <= MAX_R and 1 <= p <= MAX_P):
+    if not valid_parameters(log2_n, r, p):
         raise DecryptionError("encrypted file corrupted (key-derivation parameters out of range)")
     clear = data[: CLEAR.size]
     try:
         return AESGCM(derive_key(passphrase, salt, log2_n, r, p)).decrypt(nonce, data[CLEAR.size :], clear)
+    except MemoryError:  # OpenSSL refusing the parameters (cryptography reports it as a MemoryError)
+        raise DecryptionError("encrypted file corrupted (key-derivation parameters refused)") from None
     except InvalidTag:
         raise DecryptionError("wrong passphrase, or the encrypted file was altered or truncated") from None
 

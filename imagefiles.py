@@ -3,6 +3,7 @@
 Every script reads and writes images through this module.
 """
 import os
+import struct
 import sys
 import tempfile
 
@@ -52,6 +53,9 @@ def read_image(path):
         raise ValueError(f"{name}: {e}") from None
     except OSError as e:
         raise ValueError(f"{name}: unreadable image ({e})") from None
+    except (SyntaxError, TypeError, ValueError, KeyError, IndexError, struct.error, EOFError, ZeroDivisionError) as e:
+        # What Pillow's readers raise on malformed files besides OSError (found by tools/fuzz.py images).
+        raise ValueError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
     return (*image_arrays(im), notices)
 
 
