@@ -16,7 +16,6 @@ user runs it: encode = compress + write the .qae file, decode = read it + decomp
 import argparse
 import csv
 import glob
-import io
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 import metrics
 from checkpoint import load_checkpoint
+from classic import CLASSIC, decode as classic_decode, plugin as plugin_of
 from codec import VERSION, compress, decompress, decompress_file
 from effort import LEVELS as effort_levels_table
 from imagefiles import atomic_write, list_images, read_image
@@ -40,53 +40,6 @@ from runtime import HelpFormatter, keep_freed_memory
 ROOT = os.path.dirname(os.path.abspath(__file__))  # the shipped weights are found from here
 
 MAX_PLOT_BPP = 2.0
-
-
-def _pillow(fmt, **opts):
-    """Encoder that saves a PIL image with Pillow's `fmt` writer; `q` fills the quality option."""
-    def encode(im, q):
-        buf = io.BytesIO()
-        kw = {k: (q if v == "Q" else v) for k, v in opts.items()}
-        im.save(buf, fmt, **kw)
-        return buf.getvalue()
-    return encode
-
-
-def _plugin(module):
-    """Import a Pillow plugin module (registering its formats); None with a notice if missing."""
-    try:
-        mod = __import__(module)
-        if module == "pillow_heif":
-            mod.register_heif_opener()
-        return mod
-    except ImportError:
-        return None
-
-
-# name: (label, plugin module or None, encoder, qualities). Speed settings keep all of Kodak < 20 min.
-CLASSIC = {
-    "jpeg420": ("JPEG 4:2:0 (libjpeg-turbo)", None, _pillow("JPEG", quality="Q", subsampling=2),
-                [5, 10, 20, 30, 50, 70, 85, 95]),
-    "jpeg444": ("JPEG 4:4:4 (libjpeg-turbo)", None, _pillow("JPEG", quality="Q", subsampling=0),
-                [5, 10, 20, 30, 50, 70, 85, 95]),
-    "webp": ("WebP (method 6)", None, _pillow("WEBP", quality="Q", method=6), [2, 10, 25, 50, 75, 90, 98]),
-    "avif": ("AVIF 4:4:4 (Pillow, speed 6)", None, _pillow("AVIF", quality="Q", speed=6, subsampling="4:4:4"),
-             [10, 25, 40, 55, 70, 82, 92]),
-    "avif4": ("AVIF 4:4:4 (Pillow, speed 4)", None, _pillow("AVIF", quality="Q", speed=4, subsampling="4:4:4"),
-              [10, 25, 40, 55, 70, 82, 92]),
-    "avif2": ("AVIF 4:4:4 (Pillow, speed 2)", None, _pillow("AVIF", quality="Q", speed=2, subsampling="4:4:4"),
-              [10, 25, 40, 55, 70, 82, 92]),
-    "avif8": ("AVIF 4:4:4 (Pillow, speed 8)", None, _pillow("AVIF", quality="Q", speed=8, subsampling="4:4:4"),
-              [10, 25, 40, 55, 70, 82, 92]),
-    "jxl": ("JPEG XL (effort 5)", "pillow_jxl", _pillow("JXL", quality="Q", effort=5), [10, 30, 50, 70, 85, 93, 98]),
-    "heic": ("HEIC 4:4:4 (x265, preset fast)", "pillow_heif",
-             lambda im, q: _pillow("HEIF", quality="Q", chroma=444, enc_params={"preset": "fast"})(im, q),
-             [10, 30, 50, 65, 80, 90, 97]),
-    # irreversible=True: the lossy 9/7 wavelet (Pillow's default is the lossless 5/3 one, ~50 % worse here).
-    "jpeg2000": ("JPEG 2000 (OpenJPEG, 9/7)", None,
-                 lambda im, q: _pillow("JPEG2000", quality_mode="rates", quality_layers=[q], irreversible=True)(im, q),
-                 [200, 120, 70, 40, 24, 14, 8]),
-}
 
 
 def parse_args(argv=None):
@@ -134,7 +87,7 @@ def classic_points(name, images):
     points = []
     for q in qualities:
         rows = measure_point(lambda rgb: encoder(Image.fromarray(rgb), q),
-                             lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                             classic_decode,
                              images, f"{name} q={q}")
         points.append({"quality": q, "rows": rows})
     return label, points
@@ -428,11 +381,11 @@ def our_curves(args, images, image_key, coders):
 def classic_curve(args, name, images, image_key, coders):
     """Curve of one classic codec (None when its Pillow plugin is missing); fills coders for the visual."""
     label, plugin, encoder, qualities = CLASSIC[name]
-    if plugin and _plugin(plugin) is None:
+    if plugin and plugin_of(plugin) is None:
         print(f"skipping {name}: Pillow plugin {plugin!r} is not installed")
         return None
     key = {"qualities": qualities, "label": label, "images": image_key}
-    coders[name] = lambda rgb, q, e=encoder: np.asarray(Image.open(io.BytesIO(e(Image.fromarray(rgb), q))).convert("RGB"))
+    coders[name] = lambda rgb, q, e=encoder: classic_decode(e(Image.fromarray(rgb), q))
     return cached(args.out, name, key, lambda: summarise(name, *classic_points(name, images)), not args.no_cache)
 
 

@@ -1,0 +1,275 @@
+"""See it before you trust it: a local page that shows our codec beside JPEG, WebP, AVIF or JPEG XL at the
+same file size, with a split line to drag across the two pictures.
+
+  python demo.py                                  # then open http://127.0.0.1:8000
+  python demo.py --port 8080 --weights weights/hyper.pt
+  python demo.py --host 0.0.0.0                   # let other machines connect (it listens on loopback by default)
+
+Drop any photo on the page (PNG, JPEG, WebP, TIFF, …; large ones are coded in tiles, not refused); ours
+runs at a quality slider, the classic codec at the setting whose file is closest in bytes (found by
+bisection) or at its own slider. Each side shows bytes, bpp, PSNR, MS-SSIM and encode / decode time, and
+offers its file and decoded PNG for download. Flask serves it: a small, well-kept WSGI framework, no
+JavaScript build step; each request runs in its own thread, so coding never stalls the server.
+"""
+import argparse
+import io
+import os
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+from runtime import HelpFormatter
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PAGE = os.path.join(ROOT, "web", "demo.html")
+DEMO_CODECS = ("jpeg420", "webp", "avif", "avif4", "jxl", "heic")  # those installed are offered
+SETTINGS = {"jpeg420": (1, 100), "webp": (0, 100), "avif": (0, 100), "avif4": (0, 100), "jxl": (1, 100), "heic": (1, 100)}
+EXTENSIONS = {"jpeg420": "jpg", "webp": "webp", "avif": "avif", "avif4": "avif", "jxl": "jxl", "heic": "heic"}
+KEEP_IMAGES = 8  # uploads kept in memory (the oldest is forgotten first)
+WAIT_S = 120  # a request waits this long for the coder (one job at a time) before it is told the server is busy
+MAX_EFFORT = 3  # the page's efforts: side search only, bounded time on any image size
+
+
+def parse_args(argv=None):
+    """Command-line flags; every default runs."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--weights", default=None, help="our checkpoint (default: the shipped default model)")
+    p.add_argument("--max-upload-mb", type=float, default=64, help="largest upload accepted, in MB")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    return p.parse_args(argv)
+
+
+class Store:
+    """The last few uploads and their results, by token (thread-safe)."""
+
+    def __init__(self, keep=KEEP_IMAGES):
+        self.items, self.keep, self.lock = OrderedDict(), keep, threading.Lock()
+
+    def add(self, item):
+        """Keep an item; its new token."""
+        token = uuid.uuid4().hex
+        with self.lock:
+            self.items[token] = item
+            while len(self.items) > self.keep:
+                self.items.popitem(last=False)
+        return token
+
+    def get(self, token):
+        """The item of a token, or None when unknown or forgotten."""
+        with self.lock:
+            return self.items.get(token)
+
+
+def png_bytes(rgb):
+    """A uint8 RGB array as PNG bytes (fast compression: the page shows it once)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def scores(original, decoded, data, t_enc, t_dec):
+    """What the page shows of one side (bytes, bpp, PSNR, MS-SSIM, times); NaN MS-SSIM becomes None."""
+    import metrics
+
+    ms = metrics.ms_ssim(original, decoded)
+    return {"bytes": len(data), "bpp": metrics.bpp(len(data), *original.shape[:2]), "psnr": metrics.psnr(original, decoded),
+            "ms_ssim": None if ms != ms else ms, "encode_s": t_enc, "decode_s": t_dec}
+
+
+def code_ours(codec, rgb, quality, effort):
+    """Our codec at a quality and effort: (file bytes, decoded RGB, encode s, decode s)."""
+    import numpy as np
+
+    t = time.perf_counter()
+    data = codec.compress(rgb, quality=quality, effort=effort)
+    t_enc = time.perf_counter() - t
+    t = time.perf_counter()
+    decoded = np.asarray(codec.decompress(data).convert("RGB"))
+    return data, decoded, t_enc, time.perf_counter() - t
+
+
+def code_classic(name, rgb, setting):
+    """A classic codec at one setting: (file bytes, decoded RGB, encode s, decode s)."""
+    from PIL import Image
+
+    from classic import CLASSIC, decode
+
+    im = Image.fromarray(rgb)
+    t = time.perf_counter()
+    data = CLASSIC[name][2](im, setting)
+    t_enc = time.perf_counter() - t
+    t = time.perf_counter()
+    decoded = decode(data)
+    return data, decoded, t_enc, time.perf_counter() - t
+
+
+def closest_setting(name, rgb, target_bytes):
+    """The classic codec's setting whose file is closest to target_bytes (bisection: bytes grow with the
+    setting), with its coding result."""
+    lo, hi = SETTINGS[name]
+    tried = {}
+
+    def size(s):
+        """Bytes at setting s (each setting coded once)."""
+        if s not in tried:
+            tried[s] = code_classic(name, rgb, s)
+        return len(tried[s][0])
+
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if size(mid) < target_bytes else (lo, mid)
+    best = min((s for s in (lo - 1, lo) if SETTINGS[name][0] <= s), key=lambda s: abs(size(s) - target_bytes))
+    return best, tried[best]
+
+
+def create_app(codec, max_upload_mb=64):
+    """The Flask app around a loaded qae.Codec."""
+    from flask import Flask, Response, jsonify, request
+
+    from imagefiles import read_image
+    from classic import CLASSIC, available
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 2**20)
+    store, busy = Store(), threading.BoundedSemaphore(1)
+    codecs = [{"name": n, "label": CLASSIC[n][0], "range": SETTINGS[n]} for n in DEMO_CODECS if available(n)]
+
+    def fail(message, status=400):
+        """A JSON error the page shows as it is."""
+        return jsonify({"error": message}), status
+
+    def job(work):
+        """Run one coding job at a time (a 2-core CPU codes faster one after another); 503 when it waits too long."""
+        if not busy.acquire(timeout=WAIT_S):
+            return fail("the server is busy with other images: try again", 503)
+        try:
+            return work()
+        except ValueError as e:
+            return fail(str(e))
+        finally:
+            busy.release()
+
+    @app.get("/")
+    def page():
+        """The comparison page."""
+        with open(PAGE, encoding="utf-8") as f:
+            return Response(f.read(), mimetype="text/html")
+
+    @app.get("/api/codecs")
+    def list_codecs():
+        """Our model and the classic codecs installed here."""
+        return jsonify({"ours": {"model": codec.kind, "qualities": [1, codec.model.num_qualities],
+                                 "efforts": [0, MAX_EFFORT]}, "classic": codecs})
+
+    @app.post("/api/image")
+    def upload():
+        """An uploaded image file → its token and size; a clear error for anything that is not an image."""
+        file = request.files.get("file")
+        if file is None:
+            return fail("no file in the upload")
+        data = io.BytesIO(file.read())
+        data.name = file.filename or "upload"  # what read_image's messages call it
+        try:
+            rgb, mode, _, notices = read_image(data)
+        except ValueError as e:
+            return fail(str(e))
+        token = store.add({"rgb": rgb, "name": file.filename or "image", "files": {}})
+        h, w = rgb.shape[:2]
+        return jsonify({"token": token, "width": w, "height": h, "name": file.filename, "notices": notices})
+
+    def item_of(body):
+        """The stored upload a JSON request names, or None."""
+        return store.get(str(body.get("token", "")))
+
+    @app.post("/api/ours")
+    def ours():
+        """Our codec at the requested quality and effort."""
+        body = request.get_json(silent=True) or {}
+        item = item_of(body)
+        if item is None:
+            return fail("unknown or expired image: upload it again", 404)
+        try:
+            quality, effort = float(body.get("quality", 4)), int(body.get("effort", 1))
+        except (TypeError, ValueError):
+            return fail("quality and effort must be numbers")
+        if not 0 <= effort <= MAX_EFFORT:
+            return fail(f"effort {effort} is not one of 0 … {MAX_EFFORT} on this page")
+
+        def work():
+            data, decoded, t_enc, t_dec = code_ours(codec, item["rgb"], quality, effort)
+            item["files"].update({"ours.qae": data, "ours.png": png_bytes(decoded)})
+            return jsonify({**scores(item["rgb"], decoded, data, t_enc, t_dec), "quality": quality, "effort": effort})
+
+        return job(work)
+
+    @app.post("/api/classic")
+    def classic_side():
+        """A classic codec at its own setting, or at the setting closest to target_bytes."""
+        body = request.get_json(silent=True) or {}
+        item, name = item_of(body), body.get("codec")
+        if item is None:
+            return fail("unknown or expired image: upload it again", 404)
+        if name not in [c["name"] for c in codecs]:
+            return fail(f"codec {name!r} is not available here")
+
+        def work():
+            if body.get("target_bytes"):
+                setting, (data, decoded, t_enc, t_dec) = closest_setting(name, item["rgb"], int(body["target_bytes"]))
+            else:
+                setting = int(body.get("setting", 50))
+                data, decoded, t_enc, t_dec = code_classic(name, item["rgb"], setting)
+            item["files"].update({f"classic.{EXTENSIONS[name]}": data, "classic.png": png_bytes(decoded)})
+            return jsonify({**scores(item["rgb"], decoded, data, t_enc, t_dec), "setting": setting,
+                            "file": f"classic.{EXTENSIONS[name]}"})
+
+        return job(work)
+
+    @app.get("/api/file/<token>/<name>")
+    def download(token, name):
+        """A file of one side: ours.qae, ours.png, classic.png or the classic codec's own file."""
+        item = store.get(token)
+        if item is None or name not in item["files"]:
+            return fail("no such file (code the image first)", 404)
+        stem = os.path.splitext(item["name"])[0]
+        mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
+        return Response(item["files"][name], mimetype=mimetype,
+                        headers={"Content-Disposition": f'inline; filename="{stem}.{name}"'})
+
+    @app.errorhandler(413)
+    def too_large(_):
+        """Uploads over the limit get a message, not a dropped connection."""
+        return fail(f"the file is larger than the {max_upload_mb:g} MB this server accepts", 413)
+
+    return app
+
+
+def main(argv=None):
+    """Load the codec once, then serve the page until Ctrl-C."""
+    args = parse_args(argv)
+    import torch
+    from werkzeug.serving import make_server
+
+    import qae
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        codec = qae.Codec(args.weights)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    server = make_server(args.host, args.port, create_app(codec, args.max_upload_mb), threaded=True)
+    print(f"comparison page on http://{args.host}:{server.server_port}/  (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+
+
+if __name__ == "__main__":
+    main()
