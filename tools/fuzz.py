@@ -20,6 +20,7 @@ memory past -rss_limit_mb):
 Arguments after the target go to libFuzzer (-max_total_time, -runs, -timeout, -rss_limit_mb, …); the
 target's corpus folder and tests/fuzz/qae.dict are added unless given.
 """
+import importlib
 import io
 import os
 import struct
@@ -40,17 +41,14 @@ DEFAULT_FLAGS = ["-timeout=30", "-rss_limit_mb=4096", "-max_len=65536"]
 
 def import_targets(instrument):
     """Import the modules under test, with atheris' coverage instrumentation when fuzzing."""
+    names = ("codec", "encryption", "imagefiles")
     if instrument:
         import atheris
 
         with atheris.instrument_imports(include=["codec", "quantize", "model", "encryption", "imagefiles", "PIL"]):
-            import codec, encryption, imagefiles, model, quantize  # noqa: E401, F401
-            import PIL.Image  # noqa: F401
-    import codec
-    import encryption
-    import imagefiles
-
-    return codec, encryption, imagefiles
+            for name in names + ("model", "quantize", "PIL.Image"):
+                importlib.import_module(name)
+    return tuple(importlib.import_module(name) for name in names)
 
 
 def ctx_model():
