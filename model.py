@@ -1009,6 +1009,12 @@ class CtxModel(HyperModel):
         bits = -torch.log2(self.gaussian.likelihood(y - mean, torch.exp(log_scale) * g)).sum()
         return bits - torch.log2(self.prior.likelihood(z)).sum()
 
+    def rd_cost(self, latents, x, quality, size):
+        """Not searched yet: the full search rounds every latent to a whole number, and this model's latents are
+        μ + whole steps, μ moving with the search (efforts 1–3 search only side latents, which it has none of)."""
+        raise ValueError("the ctx model codes at efforts 0 … 3 only (efforts 1 … 3 change nothing for it); "
+                         "its full search (efforts 4 … 9) is not built yet")
+
     # -- the integer chain (coding)
     @property
     def index_frac(self):

@@ -22,9 +22,9 @@ from model import build_model
 FUZZ_CASES = 3000
 
 
-@pytest.fixture(scope="module", params=["rd", "hyper"])
+@pytest.fixture(scope="module", params=["rd", "hyper", "ctx"])
 def rd(request):
-    """A tiny rd model and a tiny hyperprior model (every test using this runs on both)."""
+    """A tiny rd model, hyperprior model and context model (every test using this runs on each)."""
     model, ckpt = load_checkpoint(request.getfixturevalue(f"{request.param}_ckpt"))
     return model, bytes.fromhex(ckpt["model_id"])
 
