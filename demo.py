@@ -128,32 +128,107 @@ def closest_setting(name, rgb, target_bytes):
     return best, tried[best]
 
 
+class Demo:
+    """What the page's requests do, on a loaded codec: each method returns (JSON-able dict, HTTP status)."""
+
+    def __init__(self, codec):
+        from classic import CLASSIC, available
+
+        self.codec, self.store, self.busy = codec, Store(), threading.BoundedSemaphore(1)
+        self.codecs = [{"name": n, "label": CLASSIC[n][0], "range": SETTINGS[n]} for n in DEMO_CODECS if available(n)]
+
+    def info(self):
+        """Our model and the classic codecs installed here."""
+        return {"ours": {"model": self.codec.kind, "qualities": [1, self.codec.model.num_qualities],
+                         "efforts": [0, MAX_EFFORT]}, "classic": self.codecs}, 200
+
+    def upload(self, file):
+        """An uploaded file (werkzeug FileStorage) → its token and size; a clear error for what is not an image."""
+        from imagefiles import read_image
+
+        if file is None:
+            return {"error": "no file in the upload"}, 400
+        data = io.BytesIO(file.read())
+        data.name = file.filename or "upload"  # what read_image's messages call it
+        try:
+            rgb, _, _, notices = read_image(data)
+        except ValueError as e:
+            return {"error": str(e)}, 400
+        token = self.store.add({"rgb": rgb, "name": data.name, "files": {}})
+        return {"token": token, "width": rgb.shape[1], "height": rgb.shape[0], "name": data.name, "notices": notices}, 200
+
+    def job(self, work):
+        """Run one coding job at a time (a 2-core CPU codes faster one after another); busy after WAIT_S."""
+        if not self.busy.acquire(timeout=WAIT_S):
+            return {"error": "the server is busy with other images: try again"}, 503
+        try:
+            return work(), 200
+        except ValueError as e:
+            return {"error": str(e)}, 400
+        finally:
+            self.busy.release()
+
+    def ours(self, body):
+        """Our codec at the requested quality and effort."""
+        item = self.store.get(str(body.get("token", "")))
+        if item is None:
+            return {"error": "unknown or expired image: upload it again"}, 404
+        try:
+            quality, effort = float(body.get("quality", 4)), int(body.get("effort", 1))
+        except (TypeError, ValueError):
+            return {"error": "quality and effort must be numbers"}, 400
+        if not 0 <= effort <= MAX_EFFORT:
+            return {"error": f"effort {effort} is not one of 0 … {MAX_EFFORT} on this page"}, 400
+
+        def work():
+            """Code, decode, keep the files, score."""
+            data, decoded, t_enc, t_dec = code_ours(self.codec, item["rgb"], quality, effort)
+            item["files"].update({"ours.qae": data, "ours.png": png_bytes(decoded)})
+            return {**scores(item["rgb"], decoded, data, t_enc, t_dec), "quality": quality, "effort": effort}
+
+        return self.job(work)
+
+    def classic(self, body):
+        """A classic codec at its own setting, or at the setting whose file is closest to target_bytes."""
+        item, name = self.store.get(str(body.get("token", ""))), body.get("codec")
+        if item is None:
+            return {"error": "unknown or expired image: upload it again"}, 404
+        if name not in [c["name"] for c in self.codecs]:
+            return {"error": f"codec {name!r} is not available here"}, 400
+
+        def work():
+            """Code (matched or at the setting), decode, keep the files, score."""
+            if body.get("target_bytes"):
+                setting, (data, decoded, t_enc, t_dec) = closest_setting(name, item["rgb"], int(body["target_bytes"]))
+            else:
+                setting = int(body.get("setting", 50))
+                data, decoded, t_enc, t_dec = code_classic(name, item["rgb"], setting)
+            item["files"].update({f"classic.{EXTENSIONS[name]}": data, "classic.png": png_bytes(decoded)})
+            return {**scores(item["rgb"], decoded, data, t_enc, t_dec), "setting": setting,
+                    "file": f"classic.{EXTENSIONS[name]}"}
+
+        return self.job(work)
+
+    def file(self, token, name):
+        """(bytes, download name) of one side's file, or None: ours.qae, ours.png, classic.png, the classic file."""
+        item = self.store.get(token)
+        if item is None or name not in item["files"]:
+            return None
+        return item["files"][name], f"{os.path.splitext(item['name'])[0]}.{name}"
+
+
 def create_app(codec, max_upload_mb=64):
-    """The Flask app around a loaded qae.Codec."""
+    """The Flask app around a loaded qae.Codec: the page, its JSON API and the files."""
     from flask import Flask, Response, jsonify, request
 
-    from imagefiles import read_image
-    from classic import CLASSIC, available
-
-    app = Flask(__name__)
+    app, demo = Flask(__name__), Demo(codec)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 2**20)
-    store, busy = Store(), threading.BoundedSemaphore(1)
-    codecs = [{"name": n, "label": CLASSIC[n][0], "range": SETTINGS[n]} for n in DEMO_CODECS if available(n)]
-
-    def fail(message, status=400):
-        """A JSON error the page shows as it is."""
-        return jsonify({"error": message}), status
-
-    def job(work):
-        """Run one coding job at a time (a 2-core CPU codes faster one after another); 503 when it waits too long."""
-        if not busy.acquire(timeout=WAIT_S):
-            return fail("the server is busy with other images: try again", 503)
-        try:
-            return work()
-        except ValueError as e:
-            return fail(str(e))
-        finally:
-            busy.release()
+    reply = lambda result: (jsonify(result[0]), result[1])  # noqa: E731
+    app.add_url_rule("/api/codecs", "codecs", lambda: reply(demo.info()))
+    app.add_url_rule("/api/image", "image", lambda: reply(demo.upload(request.files.get("file"))), methods=["POST"])
+    app.add_url_rule("/api/ours", "ours", lambda: reply(demo.ours(request.get_json(silent=True) or {})), methods=["POST"])
+    app.add_url_rule("/api/classic", "classic", lambda: reply(demo.classic(request.get_json(silent=True) or {})),
+                     methods=["POST"])
 
     @app.get("/")
     def page():
@@ -161,90 +236,19 @@ def create_app(codec, max_upload_mb=64):
         with open(PAGE, encoding="utf-8") as f:
             return Response(f.read(), mimetype="text/html")
 
-    @app.get("/api/codecs")
-    def list_codecs():
-        """Our model and the classic codecs installed here."""
-        return jsonify({"ours": {"model": codec.kind, "qualities": [1, codec.model.num_qualities],
-                                 "efforts": [0, MAX_EFFORT]}, "classic": codecs})
-
-    @app.post("/api/image")
-    def upload():
-        """An uploaded image file → its token and size; a clear error for anything that is not an image."""
-        file = request.files.get("file")
-        if file is None:
-            return fail("no file in the upload")
-        data = io.BytesIO(file.read())
-        data.name = file.filename or "upload"  # what read_image's messages call it
-        try:
-            rgb, mode, _, notices = read_image(data)
-        except ValueError as e:
-            return fail(str(e))
-        token = store.add({"rgb": rgb, "name": file.filename or "image", "files": {}})
-        h, w = rgb.shape[:2]
-        return jsonify({"token": token, "width": w, "height": h, "name": file.filename, "notices": notices})
-
-    def item_of(body):
-        """The stored upload a JSON request names, or None."""
-        return store.get(str(body.get("token", "")))
-
-    @app.post("/api/ours")
-    def ours():
-        """Our codec at the requested quality and effort."""
-        body = request.get_json(silent=True) or {}
-        item = item_of(body)
-        if item is None:
-            return fail("unknown or expired image: upload it again", 404)
-        try:
-            quality, effort = float(body.get("quality", 4)), int(body.get("effort", 1))
-        except (TypeError, ValueError):
-            return fail("quality and effort must be numbers")
-        if not 0 <= effort <= MAX_EFFORT:
-            return fail(f"effort {effort} is not one of 0 … {MAX_EFFORT} on this page")
-
-        def work():
-            data, decoded, t_enc, t_dec = code_ours(codec, item["rgb"], quality, effort)
-            item["files"].update({"ours.qae": data, "ours.png": png_bytes(decoded)})
-            return jsonify({**scores(item["rgb"], decoded, data, t_enc, t_dec), "quality": quality, "effort": effort})
-
-        return job(work)
-
-    @app.post("/api/classic")
-    def classic_side():
-        """A classic codec at its own setting, or at the setting closest to target_bytes."""
-        body = request.get_json(silent=True) or {}
-        item, name = item_of(body), body.get("codec")
-        if item is None:
-            return fail("unknown or expired image: upload it again", 404)
-        if name not in [c["name"] for c in codecs]:
-            return fail(f"codec {name!r} is not available here")
-
-        def work():
-            if body.get("target_bytes"):
-                setting, (data, decoded, t_enc, t_dec) = closest_setting(name, item["rgb"], int(body["target_bytes"]))
-            else:
-                setting = int(body.get("setting", 50))
-                data, decoded, t_enc, t_dec = code_classic(name, item["rgb"], setting)
-            item["files"].update({f"classic.{EXTENSIONS[name]}": data, "classic.png": png_bytes(decoded)})
-            return jsonify({**scores(item["rgb"], decoded, data, t_enc, t_dec), "setting": setting,
-                            "file": f"classic.{EXTENSIONS[name]}"})
-
-        return job(work)
-
     @app.get("/api/file/<token>/<name>")
     def download(token, name):
-        """A file of one side: ours.qae, ours.png, classic.png or the classic codec's own file."""
-        item = store.get(token)
-        if item is None or name not in item["files"]:
-            return fail("no such file (code the image first)", 404)
-        stem = os.path.splitext(item["name"])[0]
+        """A file of one side."""
+        found = demo.file(token, name)
+        if found is None:
+            return jsonify({"error": "no such file (code the image first)"}), 404
         mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
-        return Response(item["files"][name], mimetype=mimetype,
-                        headers={"Content-Disposition": f'inline; filename="{stem}.{name}"'})
+        return Response(found[0], mimetype=mimetype, headers={"Content-Disposition": f'inline; filename="{found[1]}"'})
 
     @app.errorhandler(413)
     def too_large(_):
         """Uploads over the limit get a message, not a dropped connection."""
-        return fail(f"the file is larger than the {max_upload_mb:g} MB this server accepts", 413)
+        return jsonify({"error": f"the file is larger than the {max_upload_mb:g} MB this server accepts"}), 413
 
     return app
 
