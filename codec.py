@@ -93,8 +93,10 @@ def unpack(data, max_pixels=MAX_PIXELS):
         raise FormatError("file corrupted (CRC-32 mismatch)")
     if kind >= len(KINDS) or coder >= len(CODERS) or mode >= len(MODES):
         raise FormatError("file corrupted (unknown model kind, coder or mode)")
-    if h == 0 or w == 0 or h * w > max_pixels or c == 0 or lh == 0 or lw == 0:
+    if h == 0 or w == 0 or c == 0 or lh == 0 or lw == 0:
         raise FormatError(f"file declares an impossible size ({w}×{h}, latent {c}×{lh}×{lw})")
+    if h * w > max_pixels:
+        raise FormatError(f"file declares {w}×{h} = {h * w:,} pixels, more than the {max_pixels:,} this reader accepts")
     coder = CODERS[coder]
     if coder == "constriction" and version < 4:
         coder = RANGE_CODER  # the same coder byte named constriction's range coder before version 4

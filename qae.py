@@ -60,11 +60,12 @@ class Codec:
         data = codec.compress(self.model, self.model_id, rgb, mode, alpha, quality, coder, effort, progress)
         return encrypt(data, passphrase) if passphrase else data
 
-    def decompress(self, data, passphrase=None):
-        """The bytes of a .qae file → a PIL image in the original size and mode; FormatError for a bad file."""
+    def decompress(self, data, passphrase=None, max_pixels=codec.MAX_PIXELS):
+        """The bytes of a .qae file → a PIL image in the original size and mode; FormatError for a bad file or
+        one declaring more than max_pixels (decoding needs memory in proportion to the declared size)."""
         data = self._opened(data, passphrase)
-        model, model_id = self._model_for(codec.unpack(data)[0]["model_id"])
-        return to_pil(*codec.decompress(model, model_id, data))
+        model, model_id = self._model_for(codec.unpack(data, max_pixels)[0]["model_id"])
+        return to_pil(*codec.decompress(model, model_id, data, max_pixels))
 
     def _opened(self, data, passphrase):
         """The file's plain bytes: decrypted when it is encrypted (a passphrase is then needed)."""

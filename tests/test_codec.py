@@ -85,8 +85,17 @@ def test_foreign_files_are_rejected(data, message):
 
 def test_absurd_dimensions_are_rejected_before_allocating():
     body = pack(header(height=65535, width=65535), b"")[:-4]
-    with pytest.raises(FormatError, match="impossible size"):
+    with pytest.raises(FormatError, match="more than the 268,435,456"):
         unpack(body + struct.pack(">I", zlib.crc32(body)))
+
+
+def test_a_reader_can_cap_the_declared_size(rd):
+    """decompress(max_pixels=) refuses larger declared sizes before decoding; the default reads them."""
+    model, mid = rd
+    data = compress(model, mid, photo_like(40, 50), quality=3)
+    with pytest.raises(FormatError, match="more than the 1,999"):
+        decompress(model, mid, data, max_pixels=1999)
+    assert decompress(model, mid, data, max_pixels=2000)[0].shape == (40, 50, 3)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (33, 47), (16, 16), (5, 130)])
