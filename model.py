@@ -1087,11 +1087,24 @@ class CtxModel(HyperModel):
         "z": integer side latents}."""
         y = (u[None] * self.gains(quality)[0].to(u.device))[0].cpu().double()
         z = self.side_latents(u[None])[0].cpu()
-        rounding = lambda a, b, mean, index: torch.round(y[a:b] - mean / 2.0**MEAN_BITS)  # noqa: E731
-        return {"y": self._chain(z[None], quality, y.shape[1:], rounding).double() / 2.0**MEAN_BITS, "z": z}
+        coded = []
+
+        def rounding(a, b, mean, index):
+            """The encoder's symbols: round(y − μ)."""
+            coded.append((torch.round(y[a:b] - mean / 2.0**MEAN_BITS).to(torch.int64), index))
+            return coded[-1][0]
+
+        latents = {"y": self._chain(z[None], quality, y.shape[1:], rounding).double() / 2.0**MEAN_BITS, "z": z}
+        self._coded = (latents["y"], latents["y"]._version, z, z._version, quality, coded)
+        return latents
 
     def _symbols(self, latents, quality):
-        """The integer symbols and scale indices of a latents dict, slice by slice: [(symbols, index), …]."""
+        """The integer symbols and scale indices of a latents dict, slice by slice: [(symbols, index), …];
+        those latents() just made are reused (same tensors, not modified since: their version counters)."""
+        memo = getattr(self, "_coded", None)
+        if memo and memo[0] is latents["y"] and memo[2] is latents["z"] and memo[4] == quality \
+                and memo[1] == latents["y"]._version and memo[3] == latents["z"]._version:
+            return memo[5]
         y, coded = torch.round(latents["y"].double() * 2.0**MEAN_BITS).to(torch.int64), []
 
         def given(a, b, mean, index):
