@@ -293,7 +293,7 @@ def resume_or_init(model, opt, state, args):
     resume_path = os.path.join(args.out, f"{args.name}_resume.pt")
     if args.resume and os.path.exists(resume_path):
         model, ckpt = load_checkpoint(resume_path, args.device)
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        opt = torch.optim.Adam(model.param_groups(), lr=args.lr)
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = {k: ckpt.get(k, v) for k, v in state.items()}
@@ -312,7 +312,7 @@ def resume_or_init(model, opt, state, args):
                 print(f"not copied (shape differs): {', '.join(skipped)}")
             if ckpt["kind"] == model.cfg.kind:
                 model.build_tables()  # its own entropy model came along: only the tables are to rebuild
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        opt = torch.optim.Adam(model.param_groups(), lr=args.lr)
         state["earlier_stages"] = lineage(ckpt, args.init)
         print(f"initialised from {args.init} (step {ckpt.get('step', '?')}), fresh optimizer")
     return model, opt, state
@@ -359,7 +359,7 @@ def setup(args):
     vgg = vgg_loss_fn(args, args.device)  # before loading photos: a missing VGG file fails fast
     train_set, val_set = make_data(args)
     model = make_model(args).to(args.device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(model.param_groups(), lr=args.lr)
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0, "best_val": math.inf,
              "earlier_stages": []}
     model, opt, state = resume_or_init(model, opt, state, args)
@@ -454,7 +454,7 @@ def main(argv=None):
                            state["elapsed"] / budget if budget else 0, state["epoch"] / args.epochs)
             lr = lr_at(state["step"], progress, args)
             for group in run.opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             result = train_step(run, x, seeds, state, args, start)
             if result is None:
                 continue
