@@ -26,6 +26,10 @@ class CropDataset(Dataset):
     def __len__(self):
         return len(self.images)
 
+    def full(self, i):
+        """Photo i whole, as stored (long side ≤ max_side): float tensor (3, H, W) in [0, 1]."""
+        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1).float() / 255.0
+
     def _scaled(self, img, rng):
         """Random area downscale, never below the crop size; small images are upscaled to fit it."""
         h, w = img.shape[:2]
@@ -62,3 +66,37 @@ def split_paths(paths, val_fraction, seed=0):
     val = sorted(paths[i] for i in order[:n_val])
     train = sorted(paths[i] for i in order[n_val:])
     return train, val
+
+
+class LatentBank(Dataset):
+    """Windows of the analysis output of whole photos, computed once (train.py --entropy-only).
+
+    With the transforms frozen, the entropy model sees only the analysis output u = g_a(x): running g_a once
+    per photo and training on windows of the stored u skips g_a and g_s at every step. Items are asked for
+    as (photo index, seed), like CropDataset's, and give a random window of `window` latents a side (the
+    whole u where it is smaller, replicate-padded); an integer key gives the centre window.
+    """
+
+    def __init__(self, photos, analyse, window, progress=None):
+        self.window = window
+        items = range(len(photos)) if progress is None else progress(range(len(photos)))
+        with torch.no_grad():
+            self.latents = [analyse(photos.full(i)[None])[0].half() for i in items]  # half: 2× the photos in RAM
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, key):
+        """Window for key = (index, seed) (random) or index (centre): float tensor (M, window, window)."""
+        i, seed = key if isinstance(key, (tuple, list)) else (key, None)
+        u = self.latents[i]
+        pad_h, pad_w = max(0, self.window - u.shape[1]), max(0, self.window - u.shape[2])
+        if pad_h or pad_w:
+            u = torch.nn.functional.pad(u.float()[None], (0, pad_w, 0, pad_h), mode="replicate")[0]
+        h, w = u.shape[1:]
+        if seed is not None:
+            rng = np.random.default_rng(seed)
+            y, x = rng.integers(0, h - self.window + 1), rng.integers(0, w - self.window + 1)
+        else:
+            y, x = (h - self.window) // 2, (w - self.window) // 2
+        return u[:, y : y + self.window, x : x + self.window].float()

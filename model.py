@@ -132,9 +132,22 @@ class CodingModel(nn.Module):
 
     SHIP_PRECISION = "fp32"  # how train.py stores the shippable checkpoint (checkpoint.pack_state)
 
+    ENTROPY_MODULES = ()  # the entropy model's submodules: what train.py --entropy-only trains
+
     def param_groups(self):
         """The optimizer's parameter groups; a group's "lr_scale" multiplies the run's learning rate."""
         return [{"params": list(self.parameters())}]
+
+    def freeze_transforms(self):
+        """Leave only the entropy model trainable (train.py --entropy-only); ValueError when there is none."""
+        if not self.ENTROPY_MODULES:
+            raise ValueError(f"the {self.cfg.kind} model has no learned entropy model to train alone")
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith(tuple(m + "." for m in self.ENTROPY_MODULES)))
+
+    def entropy_forward(self, u, quality, noise=None):
+        """The entropy model's training pass on the analysis output u (models that have one)."""
+        raise ValueError(f"the {self.cfg.kind} model has no learned entropy model to train alone")
 
     @property
     def stride(self):
@@ -401,13 +414,24 @@ class RDModel(CodingModel):
         lo = q.floor().long().clamp(0, self.num_qualities - 2)
         return torch.lerp(log_l[lo], log_l[lo + 1], q - lo).exp()
 
+    ENTROPY_MODULES = ("prior",)
+
     def forward(self, x, quality, noise=None):
         """Training pass: noisy latents for the rate, rounded (straight-through) ones for the decoder."""
-        g, ig = self.gains(quality)
-        y = self.g_a(x) * g.to(x.device)
-        _, likelihoods = self.prior(y, training=True, noise=noise, scale=g.to(x.device))
-        x_hat = self.g_s(ste_round(y) * ig.to(x.device))
-        return {"x_hat": x_hat, "likelihoods": [likelihoods]}
+        out = self.entropy_forward(self.g_a(x), quality, noise)
+        return {"x_hat": self.g_s(out.pop("y_hat") * self.gains(quality)[1].to(x.device)), **out}
+
+    def entropy_forward(self, u, quality, noise=None):
+        """The entropy model's training pass on unscaled latents u: {"y_hat": rounded latents (straight through),
+        "likelihoods": [...], "pixels": the image area they cover}."""
+        g = self.gains(quality)[0].to(u.device)
+        y = u * g
+        _, likelihoods = self.prior(y, training=True, noise=noise, scale=g)
+        return {"y_hat": ste_round(y), "likelihoods": [likelihoods], "pixels": self._pixels(u)}
+
+    def _pixels(self, u):
+        """Pixels covered by latents u (B, M, h, w): the rate is counted per pixel of the image."""
+        return u.shape[-2] * u.shape[-1] * self.stride ** 2
 
     @torch.no_grad()
     def init_transforms(self, x, gain=12.0):
@@ -598,9 +622,10 @@ class RDModel(CodingModel):
         return [1.0, 4.5, float(self.num_qualities)]
 
     def loss(self, x, out, quality):
-        """λ·255²·MSE + bpp per sample, weighted so that every quality pulls equally; and the logged parts."""
-        mse, parts = distortion(x, out["x_hat"])
-        bpp = sum(-torch.log2(lik).sum(dim=(1, 2, 3)) for lik in out["likelihoods"]) / (x.shape[2] * x.shape[3])
+        """λ·255²·MSE + bpp per sample, weighted so that every quality pulls equally; and the logged parts.
+        Without a reconstruction (entropy_forward's output: x is then the latents) the rate alone."""
+        bpp = sum(-torch.log2(lik).sum(dim=(1, 2, 3)) for lik in out["likelihoods"]) / out.get("pixels", x.shape[2] * x.shape[3])
+        mse, parts = distortion(x, out["x_hat"]) if "x_hat" in out else (torch.zeros_like(bpp), {})
         lam = self.lmbda(quality).to(x.device)
         # Equalise the qualities' pull on the shared weights: high-λ samples would dominate the sum.
         weight = (lam / self.lmbda(torch.tensor(4.5)).to(x.device)).rsqrt()
@@ -762,17 +787,18 @@ class HyperModel(RDModel):
         self.register_buffer("index_offsets", torch.zeros(0, m, dtype=torch.int64))
         self.register_buffer("index_units", torch.zeros(2, dtype=torch.int64))
 
-    def forward(self, x, quality, noise=None):
-        """Training pass: noisy latents and side latents for the rate, rounded latents for the decoder."""
-        g, ig = (t.to(x.device) for t in self.gains(quality))
-        u = self.g_a(x)
+    ENTROPY_MODULES = ("prior", "h_a", "h_s")
+
+    def entropy_forward(self, u, quality, noise=None):
+        """The entropy model's training pass on unscaled latents u: {"y_hat": rounded latents (straight through),
+        "likelihoods": [latents, side latents], "pixels": the image area they cover}."""
+        g = self.gains(quality)[0].to(u.device)
         y = u * g
-        z = self.h_a(self.hyper_input(u))
-        z_tilde, z_lik = self.prior(z, training=True)
+        z_tilde, z_lik = self.prior(self.h_a(self.hyper_input(u)), training=True)
         y_tilde = y + (noise if noise is not None else torch.rand_like(y) - 0.5)
         log_scale = self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]]  # z is rounded up in size
         y_lik = self.gaussian.likelihood(y_tilde, torch.exp(log_scale) * g)
-        return {"x_hat": self.g_s(ste_round(y) * ig), "likelihoods": [y_lik, z_lik]}
+        return {"y_hat": ste_round(y), "likelihoods": [y_lik, z_lik], "pixels": self._pixels(u)}
 
     @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
     def latents(self, u, quality):
@@ -974,6 +1000,7 @@ class CtxModel(HyperModel):
         self.register_buffer("gain_units", torch.zeros(0, m, dtype=torch.int64))  # round(gain · 2^GAIN_BITS)
         self.register_buffer("igain_units", torch.zeros(0, m, dtype=torch.int64))  # of the inverse gains
 
+    ENTROPY_MODULES = ("prior", "h_a", "h_s", "context")
     ENTROPY_LR_SCALE = 10.0  # the entropy networks learn at 10× the transforms' rate (they start from zero)
 
     def param_groups(self):
@@ -1004,17 +1031,17 @@ class CtxModel(HyperModel):
             log_scales.append(log_scale)
         return torch.cat(means, 1), torch.cat(log_scales, 1), torch.cat(decoded, 1)
 
-    def forward(self, x, quality, noise=None):
-        """Training pass: noisy latents around their means for the rate, μ + round(y − μ) for the decoder."""
-        g, ig = (t.to(x.device) for t in self.gains(quality))
-        u = self.g_a(x)
+    def entropy_forward(self, u, quality, noise=None):
+        """Training pass of the entropy model: noisy latents around their means for the rate, μ + round(y − μ)
+        (straight through) for the decoder."""
+        g, ig = (t.to(u.device) for t in self.gains(quality))
         y = u * g
         z_tilde, z_lik = self.prior(self.h_a(self.hyper_input(u)), training=True)
         h = self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]]
         mean, log_scale, y_hat = self._slices(h, y, g, ig)
         y_tilde = y + (noise if noise is not None else torch.rand_like(y) - 0.5)
         y_lik = self.gaussian.likelihood(y_tilde - mean, torch.exp(log_scale) * g)
-        return {"x_hat": self.g_s(y_hat * ig), "likelihoods": [y_lik, z_lik]}
+        return {"y_hat": y_hat, "likelihoods": [y_lik, z_lik], "pixels": self._pixels(u)}
 
     def rate_bits(self, latents, quality):
         """Bits of batched latents and side latents under the float networks' means and scales; differentiable."""

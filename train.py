@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
-from dataset import CropDataset, split_paths
+from dataset import CropDataset, LatentBank, split_paths
 from imagefiles import list_images
 from model import CtxConfig, HyperConfig, RDConfig, SeedConfig, build_model
 from runtime import HelpFormatter, keep_freed_memory, resolve_device
@@ -54,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--min-lr-ratio", type=float, default=0.05, help="final LR as a share of the peak (cosine decay)")
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
+    p.add_argument("--entropy-only", action="store_true",
+                   help="train only the entropy model (hyperprior, context, priors) on the stored analysis output of "
+                        "the frozen transforms, with the rate as the loss: g_a runs once per photo and g_s never, "
+                        "so steps are many times cheaper (a first stage after --init from another kind)")
     add_model_args(p.add_argument_group("model"))
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (images are cached in RAM, 0 is usually fastest)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -106,11 +110,18 @@ def make_model(args):
     if args.rd_channels:
         channels.update(zip("NMH" if "H" in channels else "NM", (int(c) for c in args.rd_channels.split(","))))
     cfg_cls = CONFIGS.get(args.arch, HyperConfig if "H" in channels else RDConfig)
-    cfg = cfg_cls(**channels)
-    if args.quality:
-        lam = float(build_model(cfg).lmbda(args.quality))
-        cfg = cfg_cls(**channels, lambdas=(lam, lam))
-    return build_model(cfg)
+    if cfg_cls is CtxConfig and channels["M"] != RD_PRESETS["ctx"]["M"]:
+        # The preset's slices in proportion (1 : 1 : 2 : 4 : 4 of M), so --rd-channels works for ctx too.
+        parts = [s * channels["M"] // RD_PRESETS["ctx"]["M"] for s in CtxConfig.slices]
+        channels["slices"] = tuple(parts[:-1]) + (channels["M"] - sum(parts[:-1]),)
+    try:
+        cfg = cfg_cls(**channels)
+        if args.quality:
+            lam = float(build_model(cfg).lmbda(args.quality))
+            cfg = cfg_cls(**channels, lambdas=(lam, lam))
+        return build_model(cfg)
+    except ValueError as e:
+        sys.exit(f"error: --rd-channels {args.rd_channels}: {e}")
 
 
 def photos(n):
@@ -364,6 +375,8 @@ def setup(args):
              "earlier_stages": []}
     model, opt, state = resume_or_init(model, opt, state, args)
     start_model(model, state, args, train_set)
+    if args.entropy_only:
+        train_set = latent_bank(model, train_set, args)
     layout = training_layout(args)
     model = model.to(memory_format=layout).train()
     # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.
@@ -395,6 +408,20 @@ def start_model(model, state, args, train_set):
             print(done)
 
 
+def latent_bank(model, train_set, args):
+    """Freeze the transforms and store the analysis output of every training photo (--entropy-only)."""
+    try:
+        model.freeze_transforms()
+    except ValueError as e:
+        sys.exit(f"error: --entropy-only: {e}")
+    if args.crop % model.stride:
+        sys.exit(f"error: --entropy-only needs --crop to be a multiple of the model's stride {model.stride}")
+    print(f"--entropy-only: transforms frozen; analysing {photos(len(train_set))} once …")
+    analyse = lambda x: model.analyse(x.to(args.device))  # noqa: E731
+    progress = lambda items: tqdm(items, desc="analysis", leave=False, dynamic_ncols=True)  # noqa: E731
+    return LatentBank(train_set, analyse, args.crop // model.stride, progress)
+
+
 def training_layout(args):
     """Memory layout of the training tensors: --layout, or for auto what measured fastest (2-core CPU:
     hyper's 4 × 256² crops 4.8 vs 4.35 samples/s in NCHW, where oneDNN's weight gradients of the large
@@ -410,7 +437,8 @@ def train_step(run, x, seeds, state, args, start):
     x = x.to(args.device, non_blocking=True).contiguous(memory_format=run.layout)
     quality, noise = run.model.draw_randomness(seeds, args.crop)
     with run.amp:
-        out = run.net(x, quality, None if noise is None else noise.to(args.device), **run.forward_kwargs)
+        forward = run.model.entropy_forward if args.entropy_only else run.net
+        out = forward(x, quality, None if noise is None else noise.to(args.device), **run.forward_kwargs)
         loss, parts = compute_loss(run.model, x, out, quality, run.vgg, args)
     loss_value, state["elapsed"] = synced([loss.item(), time.time() - start], run.rank, run.world)
     ema = state["loss_ema"] or loss_value
@@ -435,7 +463,7 @@ def write_log_line(path, state, lr, window, seconds, batch_size):
     mean = {k: v / window["n"] for k, v in window.items()}
     with open(path, "a") as f:
         f.write(f"{state['step']},{state['epoch']},{state['elapsed'] / 60:.2f},{lr:.3g},{mean['loss']:.5f},"
-                f"{mean['mse']:.6f},{mean['psnr']:.3f},{mean.get('bpp', 0):.4f},{window['n'] * batch_size / seconds:.1f}\n")
+                f"{mean.get('mse', 0):.6f},{mean.get('psnr', 0):.3f},{mean.get('bpp', 0):.4f},{window['n'] * batch_size / seconds:.1f}\n")
 
 
 def main(argv=None):

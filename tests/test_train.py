@@ -166,3 +166,31 @@ def test_default_output_is_a_run_folder_not_the_shipped_weights(photos, tmp_path
     assert {"rd.pt", "rd_resume.pt", "rd_log.csv"} <= set(os.listdir(tmp_path / "runs" / "rd"))
     assert {f: os.path.getmtime(os.path.join(ROOT, "weights", f)) for f in os.listdir(os.path.join(ROOT, "weights"))} == shipped
     assert "perceptual loss" not in r.stdout  # the VGG notice is the seed model's only
+
+
+def test_entropy_only_trains_the_entropy_model_alone(photos, tmp_path, hyper_ckpt):
+    """--entropy-only from a hyper checkpoint into a ctx model: the transforms and gains stay exactly as
+    started, the hyperprior and context networks move, and the checkpoint codes an image."""
+    out = str(tmp_path)
+    r = train("--arch", "ctx", "--rd-channels", "16,24,8", "--train-dir", photos, "--out", out, "--max-steps", "3",
+              "--init", hyper_ckpt, "--entropy-only", "--lr", "1e-3", *TINY[2:])
+    assert r.returncode == 0 and "transforms frozen" in r.stdout, r.stderr
+    source, _ = load_checkpoint(hyper_ckpt)
+    trained, ckpt = load_checkpoint(os.path.join(out, "ctx.pt"))
+    assert ckpt["recipe"]["entropy_only"] and ckpt["step"] == 3
+    for name in ("g_a.0.weight", "g_s.0.weight", "log_gain", "log_igain"):
+        assert torch.equal(dict(source.named_parameters())[name], dict(trained.named_parameters())[name]), name
+    assert any(p.abs().sum() > 0 for p in trained.context[0][-1].parameters())  # started at zero
+    assert not torch.equal(source.h_s[0].weight, trained.h_s[0].weight)
+    from codec import compress, decompress
+
+    rgb = photo_like(48, 64, 3)
+    model_id = bytes.fromhex(ckpt["model_id"])
+    assert decompress(trained, model_id, compress(trained, model_id, rgb, quality=4))[0].shape == rgb.shape
+
+
+def test_entropy_only_needs_an_entropy_model(photos, tmp_path):
+    """The seed model has no entropy model to train alone: a one-line error, not a traceback."""
+    r = train("--arch", "resnet18", "--train-dir", photos, "--out", str(tmp_path), "--max-steps", "1",
+              "--entropy-only", *TINY[2:])
+    assert r.returncode != 0 and "no learned entropy model" in r.stderr and "Traceback" not in r.stderr
