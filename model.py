@@ -954,6 +954,7 @@ class CtxConfig(HyperConfig):
 
     slices: tuple = (16, 16, 32, 64, 64)  # uneven, small first: the first channels carry the most energy
     context: int = 96  # hidden channels of each slice's context network
+    spatial: int = 0  # hidden channels of each slice's checkerboard network (0 = no spatial context)
     kind: str = "ctx"
 
 
@@ -962,6 +963,23 @@ GAIN_BITS = 16  # fractional bits of the integer gains that scale the means and 
 LOG_BITS = 16  # fractional bits of the integer log-scales (the scale-index units)
 CONTEXT_ROWS = 64  # latent rows per strip of the integer context networks (their 3×3 layer needs 1 row of halo)
 VALUE_MAX = 1 << 40  # decoded latents are clamped here in fixed point, so every product fits in int64
+
+
+def checkerboard(size, device=None):
+    """The "black" squares (h, w) of a checkerboard, (0, 0) black: the latents a slice decodes first."""
+    rows, cols = torch.arange(size[0], device=device), torch.arange(size[1], device=device)
+    return (rows[:, None] + cols[None, :]) % 2 == 0
+
+
+def unscaled(y, igain):
+    """Decoded latents (MEAN_BITS fixed point, int64) times the integer inverse gains → ACT_BITS (float64, exact):
+    what the context networks see."""
+    return torch.div(y * igain, 1 << (MEAN_BITS + GAIN_BITS - ACT_BITS), rounding_mode="floor").double().clamp_(-ACT_MAX, ACT_MAX)
+
+
+def masked(t, where):
+    """The entries of t (C, h, w) at the (h, w) mask `where` (C, n), or all of t when where is None."""
+    return t if where is None else t[:, where]
 
 
 def context_net(cin, hidden, cout):
@@ -994,20 +1012,24 @@ class CtxModel(HyperModel):
         ends = np.cumsum(cfg.slices).tolist()
         self.bounds = list(zip([0] + ends[:-1], ends))
         self.context = nn.ModuleList(context_net(2 * (b - a) + a, cfg.context, 2 * (b - a)) for a, b in self.bounds[1:])
-        for net in self.context:  # start as the plain mean-scale hyperprior
+        # Checkerboard (He et al. 2021): the "white" latents of a slice are decoded after its "black" ones and
+        # refined from them by a 3×3 network; black and white are each decoded in parallel.
+        self.spatial = nn.ModuleList(context_net(b - a, cfg.spatial, 2 * (b - a)) for a, b in self.bounds) \
+            if cfg.spatial else nn.ModuleList()
+        for net in [*self.context, *self.spatial]:  # start as the plain mean-scale hyperprior
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias)
         self.register_buffer("gain_units", torch.zeros(0, m, dtype=torch.int64))  # round(gain · 2^GAIN_BITS)
         self.register_buffer("igain_units", torch.zeros(0, m, dtype=torch.int64))  # of the inverse gains
 
-    ENTROPY_MODULES = ("prior", "h_a", "h_s", "context")
+    ENTROPY_MODULES = ("prior", "h_a", "h_s", "context", "spatial")
     ENTROPY_LR_SCALE = 10.0  # the entropy networks learn at 10× the transforms' rate (they start from zero)
 
     def param_groups(self):
         """Transforms and gains at the run's learning rate; h_a, h_s and the context networks at ENTROPY_LR_SCALE
         times it: started at zero from a hyper checkpoint, at the transforms' fine-tuning rate the means and
         the context barely moved in 850 steps (mean |weight| of their last layers 0.0005 … 0.002)."""
-        entropy = [p for name, p in self.named_parameters() if name.startswith(("h_a.", "h_s.", "context."))]
+        entropy = [p for name, p in self.named_parameters() if name.startswith(("h_a.", "h_s.", "context.", "spatial."))]
         ids = {id(p) for p in entropy}
         return [{"params": [p for p in self.parameters() if id(p) not in ids]},
                 {"params": entropy, "lr_scale": self.ENTROPY_LR_SCALE}]
@@ -1020,10 +1042,15 @@ class CtxModel(HyperModel):
         """Float context chain (training and estimates): h_s' output h, the latents y and the gains → the means
         and log-scales of every latent (y units) and the decoded latents μ + round(y − μ) (straight through)."""
         m, means, log_scales, decoded = self.cfg.M, [], [], []
+        black = checkerboard(y.shape[-2:], y.device)
         for k, (a, b) in enumerate(self.bounds):
             mean, log_scale = h[:, a:b], h[:, m + a : m + b]
             if k:
                 d = self.context[k - 1](torch.cat([mean, log_scale, torch.cat(decoded, 1) * ig[:, :a]], 1))
+                mean, log_scale = mean + d[:, : b - a], log_scale + d[:, b - a :]
+            if self.spatial:
+                mean_y = mean * g[:, a:b]
+                d = self.spatial[k]((ste_round(y[:, a:b] - mean_y) + mean_y) * ig[:, a:b] * black) * ~black
                 mean, log_scale = mean + d[:, : b - a], log_scale + d[:, b - a :]
             mean = mean * g[:, a:b]
             decoded.append(ste_round(y[:, a:b] - mean) + mean)
@@ -1085,10 +1112,11 @@ class CtxModel(HyperModel):
             log_scale[:, r : r + acc.shape[2]] = fixed_point(acc[0, m:], frac, LOG_BITS).to(torch.int64)
         return feats, log_scale
 
-    def _int_context(self, k, x):
-        """Slice k's integer context network on its float64 integer input (C, h, w) at ACT_BITS, in strips of rows:
-        (exact accumulator (2·slice, h, w), its fractional bits)."""
-        convs, rows, parts = convs_of(self.context[k - 1]), x.shape[1], []
+    @staticmethod
+    def _int_context(net, x):
+        """A context network as an integer network on its float64 integer input (C, h, w) at ACT_BITS, in strips
+        of rows: (exact accumulator (C_out, h, w), its fractional bits)."""
+        convs, rows, parts = convs_of(net), x.shape[1], []
         for r0 in range(0, rows, CONTEXT_ROWS):
             a, b = max(r0 - 1, 0), min(r0 + CONTEXT_ROWS + 1, rows)
             acc, frac = int_net(convs, x[None, :, a:b], ACT_BITS)
@@ -1096,9 +1124,10 @@ class CtxModel(HyperModel):
         return torch.cat(parts, 1), frac
 
     def _chain(self, z_hat, quality, size, pick):
-        """The integer context chain: slice after slice, the exact mean (MEAN_BITS fixed point, y units) and
-        scale index of every latent; pick(a, b, mean, index) gives the slice's integer symbols (the encoder
-        rounds, the decoder reads). Returns the decoded latents μ + symbol in MEAN_BITS fixed point (int64)."""
+        """The integer context chain: slice after slice (and within a slice, with a checkerboard, black squares then
+        white), the exact mean (MEAN_BITS fixed point, y units) and scale index of every latent; pick(a, b, mean,
+        index, where) gives the slice's integer symbols at the (h, w) mask `where` (None: all) — the encoder rounds,
+        the decoder reads. Returns the decoded latents μ + symbol in MEAN_BITS fixed point (int64)."""
         stored_frac, step = self.index_units.tolist()
         if stored_frac != LOG_BITS or step <= 0 or self.gain_units.numel() == 0:
             raise ValueError("no integer tables (or built for other weights): rebuild the tables")
@@ -1107,21 +1136,33 @@ class CtxModel(HyperModel):
         feats, log_scales = self._hyper_fixed(z_hat, size)
         y = torch.zeros((m, *size), dtype=torch.int64)
         inputs = torch.zeros((m, *size), dtype=torch.float64)  # ŷ · inverse gain at ACT_BITS: what the context sees
+        black = checkerboard(size)
         for k, (a, b) in enumerate(self.bounds):
             mean, log_scale = feats[a:b].double(), log_scales[a:b]
             if k:
                 x = torch.cat([feats[a:b].double(), feats[m + a : m + b].double(), inputs[:a]])
-                acc, frac = self._int_context(k, x)
-                mean = mean + fixed_point(acc[: b - a], frac, ACT_BITS)
-                log_scale = log_scale + fixed_point(acc[b - a :], frac, LOG_BITS).to(torch.int64)
-            mean = torch.div(mean.clamp(-ACT_MAX, ACT_MAX).to(torch.int64) * gain[a:b], 1 << (ACT_BITS + GAIN_BITS - MEAN_BITS),
-                             rounding_mode="floor")
-            index = torch.div(log_scale + offsets[a:b] + step // 2, step, rounding_mode="floor")
-            symbols = pick(a, b, mean, index.clamp_(0, GaussianConditional.LEVELS - 1).to(torch.uint8))
-            y[a:b] = (mean + symbols.to(torch.int64) * (1 << MEAN_BITS)).clamp_(-VALUE_MAX, VALUE_MAX)
-            inputs[a:b] = torch.div(y[a:b] * igain[a:b], 1 << (MEAN_BITS + GAIN_BITS - ACT_BITS),
-                                    rounding_mode="floor").double().clamp_(-ACT_MAX, ACT_MAX)
+                mean, log_scale = self._refined(self.context[k - 1], x, mean, log_scale)
+            decoded = torch.zeros((b - a, *size), dtype=torch.int64)
+            for where in ((black, ~black) if self.spatial else (None,)):
+                if where is not None and where is not black:  # white squares: refined from the black ones
+                    x = torch.where(black, unscaled(decoded, igain[a:b]), 0.0)
+                    mean, log_scale = self._refined(self.spatial[k], x, mean, log_scale)
+                mean_y = torch.div(mean.clamp(-ACT_MAX, ACT_MAX).to(torch.int64) * gain[a:b],
+                                   1 << (ACT_BITS + GAIN_BITS - MEAN_BITS), rounding_mode="floor")
+                index = torch.div(log_scale + offsets[a:b] + step // 2, step, rounding_mode="floor")
+                symbols = pick(a, b, mean_y, index.clamp_(0, GaussianConditional.LEVELS - 1).to(torch.uint8), where)
+                value = (mean_y + symbols.to(torch.int64) * (1 << MEAN_BITS)).clamp_(-VALUE_MAX, VALUE_MAX)
+                decoded = value if where is None else torch.where(where, value, decoded)
+            y[a:b] = decoded
+            inputs[a:b] = unscaled(decoded, igain[a:b])
         return y
+
+    def _refined(self, net, x, mean, log_scale):
+        """Unscaled means (ACT_BITS, float64) and log-scales (LOG_BITS, int64) plus a context network's integer
+        output on x."""
+        acc, frac = self._int_context(net, x)
+        c = mean.shape[0]
+        return mean + fixed_point(acc[:c], frac, ACT_BITS), log_scale + fixed_point(acc[c:], frac, LOG_BITS).to(torch.int64)
 
     @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
     def latents(self, u, quality):
@@ -1131,10 +1172,11 @@ class CtxModel(HyperModel):
         z = self.side_latents(u[None])[0].cpu()
         coded = []
 
-        def rounding(a, b, mean, index):
+        def rounding(a, b, mean, index, where):
             """The encoder's symbols: round(y − μ)."""
-            coded.append((torch.round(y[a:b] - mean / 2.0**MEAN_BITS).to(torch.int64), index))
-            return coded[-1][0]
+            symbols = torch.round(y[a:b] - mean / 2.0**MEAN_BITS).to(torch.int64)
+            coded.append((masked(symbols, where), masked(index, where)))
+            return symbols
 
         latents = {"y": self._chain(z[None], quality, y.shape[1:], rounding).double() / 2.0**MEAN_BITS, "z": z}
         self._coded = (latents["y"], latents["y"]._version, z, z._version, quality, coded)
@@ -1149,10 +1191,11 @@ class CtxModel(HyperModel):
             return memo[5]
         y, coded = torch.round(latents["y"].double() * 2.0**MEAN_BITS).to(torch.int64), []
 
-        def given(a, b, mean, index):
+        def given(a, b, mean, index, where):
             """The symbols of the given latents: (ŷ − μ) in whole steps."""
-            coded.append((torch.div(y[a:b] - mean + (1 << (MEAN_BITS - 1)), 1 << MEAN_BITS, rounding_mode="floor"), index))
-            return coded[-1][0]
+            symbols = torch.div(y[a:b] - mean + (1 << (MEAN_BITS - 1)), 1 << MEAN_BITS, rounding_mode="floor")
+            coded.append((masked(symbols, where), masked(index, where)))
+            return symbols
 
         self._chain(latents["z"][None], quality, y.shape[1:], given)
         return coded
@@ -1169,15 +1212,24 @@ class CtxModel(HyperModel):
         """Inverse of write_latents: {"y": decoded latents (M, h, w), "z": side latents}."""
         dec = open_decoder(payload)
         z = self.prior.read(dec, self.side_shape(shape), 0)
-        read = lambda a, b, mean, index: torch.from_numpy(read_scaled(self.gaussian, dec, index)).to(torch.int64)  # noqa: E731
+
+        def read(a, b, mean, index, where):
+            """The symbols of the slice (at `where`) from the payload."""
+            symbols = torch.zeros(index.shape, dtype=torch.int64)
+            values = torch.from_numpy(read_scaled(self.gaussian, dec, masked(index, where))).to(torch.int64)
+            if where is None:
+                return values
+            symbols[:, where] = values
+            return symbols
+
         return {"y": self._chain(z[None], quality, shape[1:], read).double() / 2.0**MEAN_BITS, "z": z}
 
     def likelihoods(self, y_hat, quality, z_hat):
         """Likelihoods of decoded latents (1, M, h, w) under the integer means and table scales, and of z_hat."""
         scales = GaussianConditional.table_scales().to(torch.float32)
         parts = self._symbols({"y": y_hat[0].cpu(), "z": z_hat[0].cpu()}, quality)
-        lik = torch.cat([self.gaussian.likelihood(s.float(), scales[index.long()]) for s, index in parts])
-        return [lik[None].to(y_hat.device), self.prior.likelihood(z_hat)]
+        lik = torch.cat([self.gaussian.likelihood(s.float(), scales[index.long()]).reshape(-1) for s, index in parts])
+        return [lik.view(1, -1, 1, 1).to(y_hat.device), self.prior.likelihood(z_hat)]
 
     def evaluate(self, x, quality):
         """Real-coding pass (validation): the coder's integer means and scale indices, per sample."""

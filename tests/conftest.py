@@ -14,7 +14,8 @@ from model import CtxConfig, HyperConfig, RDConfig, SeedConfig, build_model  # n
 
 TINY_RD = RDConfig(N=16, M=24)
 TINY_HYPER = HyperConfig(N=16, M=24, H=8)
-TINY_CTX = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16)
+TINY_CTX = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16, spatial=8)  # with a checkerboard
+TINY_CTX_PLAIN = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16)  # channel context only
 TINY_SEED = SeedConfig(arch="resnet18", latent_channels=32, decoder_channels=(32, 16, 16, 8, 8))
 
 
@@ -30,7 +31,7 @@ def tiny_checkpoint(folder, config, name):
     """Save a tiny untrained model of config (seeded) with its integer tables built; returns the path."""
     torch.manual_seed(0)
     model = build_model(config).eval()
-    for net in getattr(model, "context", ()):  # context networks start at zero: give them something to say
+    for net in [*getattr(model, "context", ()), *getattr(model, "spatial", ())]:  # they start at zero: give them something to say
         torch.nn.init.normal_(net[-1].weight, 0, 0.1)
     model.build_tables()
     path = str(folder / name)
@@ -54,6 +55,12 @@ def hyper_ckpt(tmp_path_factory):
 def ctx_ckpt(tmp_path_factory):
     """Path of a tiny untrained context-model checkpoint (3 slices) with its integer tables built."""
     return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_CTX, "ctx_tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def ctx_plain_ckpt(tmp_path_factory):
+    """Path of a tiny untrained context-model checkpoint without the checkerboard."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_CTX_PLAIN, "ctx_plain_tiny.pt")
 
 
 @pytest.fixture(scope="session")

@@ -14,32 +14,39 @@ from model import MEAN_BITS, CtxModel, build_model
 from quantize import GaussianConditional
 
 
-@pytest.fixture(scope="module")
-def ctx(ctx_ckpt):
-    """The tiny ctx model (random context networks) and its identity."""
-    m, ckpt = load_checkpoint(ctx_ckpt)
+@pytest.fixture(scope="module", params=["ctx_ckpt", "ctx_plain_ckpt"])
+def ctx(request):
+    """The tiny ctx model (random context networks), with and without the checkerboard, and its identity."""
+    m, ckpt = load_checkpoint(request.getfixturevalue(request.param))
     return m, bytes.fromhex(ckpt["model_id"])
+
+
+def chain_means(m, lat, quality):
+    """The integer chain's means (y units) and scale indices of every latent of decoded latents."""
+    means, indices = torch.zeros(lat["y"].shape, dtype=torch.float64), torch.zeros(lat["y"].shape, dtype=torch.long)
+
+    def record(a, b, mean, index, where):
+        mean = mean.double() / 2**MEAN_BITS
+        keep = torch.ones(mean.shape[1:], dtype=torch.bool) if where is None else where
+        means[a:b][:, keep], indices[a:b][:, keep] = mean[:, keep], index.long()[:, keep]
+        return torch.round(lat["y"][a:b] - mean)
+
+    m._chain(lat["z"][None], quality, lat["y"].shape[1:], record)
+    return means, indices
 
 
 def integer_and_float(m, u, quality):
     """The integer chain's (means, scale indices) of an image's latents, and the float networks' on the same
     decoded latents."""
     lat = m.latents(u, quality)
-    means, indices = [], []
-
-    def record(a, b, mean, index):
-        means.append(mean.double() / 2**MEAN_BITS)
-        indices.append(index.long())
-        return torch.round(lat["y"][a:b] - mean.double() / 2**MEAN_BITS)
-
-    m._chain(lat["z"][None], quality, lat["y"].shape[1:], record)
+    mean_i, index_i = chain_means(m, lat, quality)
     g, ig = m.gains(quality)
     with torch.no_grad():
         h = m.h_s(lat["z"][None])[..., : u.shape[1], : u.shape[2]]
         mean_f, log_scale, _ = m._slices(h, lat["y"][None].float(), g, ig)
         log_s = log_scale + g.log()
     ref = torch.round((log_s - np.log(GaussianConditional.SCALE_MIN)) / GaussianConditional.log_step())
-    return torch.cat(means), torch.cat(indices), mean_f[0].double(), ref[0].clamp(0, GaussianConditional.LEVELS - 1)
+    return mean_i, index_i, mean_f[0].double(), ref[0].clamp(0, GaussianConditional.LEVELS - 1)
 
 
 @pytest.mark.parametrize("quality", [1.0, 4.25, 8.0])
@@ -60,12 +67,10 @@ def test_decoded_latents_are_mean_plus_whole_steps_and_round_trip(ctx):
     rgb = photo_like(80, 112, 2)
     data = compress(m, mid, rgb, quality=5.5)
     _, lat, q = read_latents(m, mid, data)
-    means = []
-    m._chain(lat["z"][None], q, lat["y"].shape[1:], lambda a, b, mean, index: means.append(mean) or
-             torch.round(lat["y"][a:b] - mean.double() / 2**MEAN_BITS))
-    steps = lat["y"] - torch.cat(means).double() / 2**MEAN_BITS
+    means = chain_means(m, lat, q)[0]
+    steps = lat["y"] - means
     assert torch.equal(steps, torch.round(steps))
-    assert (torch.cat(means) % (1 << MEAN_BITS) != 0).float().mean() > 0.5  # the means are not whole numbers
+    assert (means % 1 != 0).float().mean() > 0.5  # the means are not whole numbers
     out, _, _ = decompress(m, mid, data)
     assert out.shape == rgb.shape
 
@@ -97,12 +102,12 @@ def test_started_from_hyper_it_codes_as_hyper(hyper_ckpt):
     same picture (± 1 level) as the hyper model, give or take the fixed bytes of each slice."""
     hyper, ckpt = load_checkpoint(hyper_ckpt)
     torch.manual_seed(0)
-    ctx = CtxModel(model_module.CtxConfig(N=TINY_HYPER.N, M=TINY_HYPER.M, H=TINY_HYPER.H, slices=(8, 16)))
+    ctx = CtxModel(model_module.CtxConfig(N=TINY_HYPER.N, M=TINY_HYPER.M, H=TINY_HYPER.H, slices=(8, 16), spatial=8))
     ctx.adopt(hyper)
     ctx.eval()
     rgb = photo_like(192, 256, 7)
     a, b = compress(hyper, b"hhhh", rgb, quality=4), compress(ctx, b"cccc", rgb, quality=4)
-    assert abs(len(a) - len(b)) <= 0.01 * len(a) + 4 * len(ctx.bounds)  # + each slice's sparse / escape headers
+    assert abs(len(a) - len(b)) <= 0.01 * len(a) + 8 * len(ctx.bounds)  # + each part's sparse / escape headers
     pa, pb = decompress(hyper, b"hhhh", a)[0], decompress(ctx, b"cccc", b)[0]
     assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1
 
@@ -115,5 +120,5 @@ def test_training_pass_reaches_the_context_networks():
     quality, noise = m.draw_randomness(torch.tensor([1, 2]), 64)
     loss, parts = m.loss(x, m(x, quality, noise), quality)
     loss.backward()
-    assert all(net[-1].weight.grad.abs().sum() > 0 for net in m.context)
+    assert all(net[-1].weight.grad.abs().sum() > 0 for net in [*m.context, *m.spatial]) and len(m.spatial) == 3
     assert parts["bpp"] > 0

@@ -52,13 +52,13 @@ def import_targets(instrument):
 
 
 def ctx_model():
-    """A small context model, seeded, with random context networks (no shipped ctx weights are needed)."""
+    """A small context model with a checkerboard, seeded, with random context networks (no shipped weights needed)."""
     import torch
     from model import CtxConfig, build_model
 
     torch.manual_seed(0)
-    m = build_model(CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16)).eval()
-    for net in m.context:
+    m = build_model(CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16, spatial=8)).eval()
+    for net in [*m.context, *m.spatial]:
         torch.nn.init.normal_(net[-1].weight, 0, 0.1)
     m.build_tables()
     return m
