@@ -52,7 +52,8 @@ def copy_matching(source, model, skip=()):
     for k, v in source.state_dict().items():
         if k in target and target[k].shape == v.shape and k not in skip:
             target[k].copy_(v)
-    return [k for k, v in source.state_dict().items() if k in target and target[k].shape != v.shape]
+    # An empty target is an unbuilt table (build_tables makes it for the new weights): not worth a mention.
+    return [k for k, v in source.state_dict().items() if k in target and target[k].shape != v.shape and target[k].numel()]
 
 
 # ----------------------------------------------------------------------------- seed model
@@ -148,6 +149,15 @@ class CodingModel(nn.Module):
     def entropy_forward(self, u, quality, noise=None):
         """The entropy model's training pass on the analysis output u (models that have one)."""
         raise ValueError(f"the {self.cfg.kind} model has no learned entropy model to train alone")
+
+    # -- encoder search (effort.py): the side search's terms; the picture stays as effort 0 codes it
+    def side_fixed(self, base, start):
+        """The latents held while the side latents are searched: effort 0's integer latents."""
+        return {k: v for k, v in base.items() if k not in self.SIDE_KEYS}
+
+    def settle(self, latents, quality):
+        """The latents the coder writes for a searched latents dict (unbatched, on the CPU): these."""
+        return latents
 
     @property
     def stride(self):
@@ -1080,9 +1090,19 @@ class CtxModel(HyperModel):
 
     def rd_cost(self, latents, x, quality, size):
         """Not searched yet: the full search rounds every latent to a whole number, and this model's latents are
-        μ + whole steps, μ moving with the search (efforts 1–3 search only side latents, which it has none of)."""
-        raise ValueError("the ctx model codes at efforts 0 … 3 only (efforts 1 … 3 change nothing for it); "
+        μ + whole steps, μ moving with the search."""
+        raise ValueError("the ctx model codes at efforts 0 … 3 only (efforts 1 … 3 search its side latents); "
                          "its full search (efforts 4 … 9) is not built yet")
+
+    def side_fixed(self, base, start):
+        """The latents held while z is searched: the analysis output before rounding, since z moves the means and
+        so where each latent rounds to (settle rounds them around the means the searched z gives)."""
+        return {"y": start["y"]}
+
+    def settle(self, latents, quality):
+        """The coded latents of searched side latents: μ + round(y − μ) under the means the searched z gives, so
+        every latent stays within half a step of the analysis output, as at effort 0."""
+        return self._rounded(latents["y"].double(), torch.round(latents["z"]).to(self.log_gain.dtype), quality)
 
     # -- the integer chain (coding)
     @property
@@ -1169,7 +1189,12 @@ class CtxModel(HyperModel):
         """The whole image's unscaled latents (M, h, w) → {"y": decoded latents μ + round(y − μ) (float64, exact),
         "z": integer side latents}."""
         y = (u[None] * self.gains(quality)[0].to(u.device))[0].cpu().double()
-        z = self.side_latents(u[None])[0].cpu()
+        return self._rounded(y, self.side_latents(u[None])[0].cpu(), quality)
+
+    @torch.no_grad()
+    def _rounded(self, y, z, quality):
+        """The coded latents of scaled latents y (M, h, w; float64, CPU) given integer side latents z: the chain
+        with the encoder's rounding; its symbols are kept for write_latents."""
         coded = []
 
         def rounding(a, b, mean, index, where):

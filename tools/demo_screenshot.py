@@ -1,6 +1,8 @@
-"""Screenshot of the comparison page (demo.py) in headless Chromium, as the README shows it.
+"""Screenshot of the comparison page (demo.py) in headless Chromium, as the README shows it, and how long the
+page takes to show our side again after the quality slider moves.
 
   python tools/demo_screenshot.py --image PHOTO --out images/demo.png
+  python tools/demo_screenshot.py --image kodim23.png --measure 8    # + slider-to-picture times
 
 Needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver) and selenium.
 """
@@ -55,6 +57,25 @@ def wait_for(driver, script, timeout=120):
     raise TimeoutError(f"page never got to: {script}")
 
 
+def measure_slider(driver, moves):
+    """Move the quality slider `moves` times (alternating qualities, waiting for the classic side each time) and
+    print how long each move took until our new picture had loaded in the page, and their median."""
+    wait_for(driver, "!document.getElementById('right-stats').classList.contains('busy')")
+    times = []
+    for i in range(moves):
+        quality = 2 + (3 * i) % 6 + 0.25 * (i % 4)  # a new value every time
+        ms = driver.execute_script(
+            "const img = document.getElementById('left-img'), q = document.getElementById('quality');"
+            "window.__shown = null; const t0 = performance.now();"
+            "img.addEventListener('load', () => { window.__shown = performance.now() - t0; }, { once: true });"
+            f"q.value = {quality}; q.dispatchEvent(new Event('change')); return 0;")
+        ms = wait_for(driver, "window.__shown")
+        times.append(ms / 1000)
+        wait_for(driver, "!document.getElementById('right-stats').classList.contains('busy')")
+        print(f"quality {quality}: our picture shown {times[-1]:.2f} s after the slider moved")
+    print(f"median of {moves}: {sorted(times)[len(times) // 2]:.2f} s")
+
+
 def main(argv=None):
     """Start the page with the shipped model, upload a photo, wait for both sides, save the screenshot."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -62,11 +83,14 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "images", "demo.png"), help="PNG to write")
     p.add_argument("--quality", type=float, default=3, help="our quality on the slider")
     p.add_argument("--codec", default="avif", help="classic codec on the right")
+    p.add_argument("--measure", type=int, default=0,
+                   help="then move the quality slider this many times and time each move until our new picture is shown")
+    p.add_argument("--weights", default=None, help="our checkpoint (default: the shipped default model)")
     args = p.parse_args(argv)
     import demo
     import qae
 
-    server, url = serve(demo.create_app(qae.Codec()))
+    server, url = serve(demo.create_app(qae.Codec(args.weights)))
     driver = chromium()
     try:
         driver.get(url)
@@ -79,6 +103,8 @@ def main(argv=None):
         wait_for(driver, "document.getElementById('right-img').complete && document.getElementById('right-img').naturalWidth")
         driver.save_screenshot(args.out)
         print("wrote", args.out)
+        if args.measure:
+            measure_slider(driver, args.measure)
     finally:
         driver.quit()
         server.shutdown()
