@@ -5,10 +5,8 @@ rate + λ·distortion under the trained decoder are elsewhere. Two searches, bot
 model's own float entropy model at the file's quality, rounding relaxed by stochastic Gumbel
 annealing (SGA, Yang et al. 2020):
 
-* the side search moves only the side latents z, which set the other latents' scales (and, in the
-  ctx model, their means): cheap, since the synthesis never runs. For the hyper model the picture
-  stays exactly effort 0's; for ctx every latent is rounded again around the new means
-  (model.settle), so it stays within half a step of the analysis output, as at effort 0;
+* the side search moves only the latents that change the rate and not the picture (the hyper
+  model's z, which set the other latents' scales): cheap, since the synthesis never runs;
 * the full search moves every latent under rate + λ·distortion through the synthesis (a forward
   and backward pass of g_s per step).
 
@@ -74,19 +72,16 @@ def refine(model, latents, start, rgb, quality, effort, progress=None):
     model.requires_grad_(False)  # gradients of the latents only: the weights' would double the work
     try:
         with torch.enable_grad():
-            base = on(latents)
-            best = None  # None: nothing cheaper found, effort 0's latents stand
+            best = on(latents)
             if full:
-                best = full_search(model, base, on(start), image_tensor(rgb, model.stride, device), quality,
+                best = full_search(model, best, on(start), image_tensor(rgb, model.stride, device), quality,
                                    (h, w), full, tick)
             if side:
-                best = side_search(model, best or base, on(start), quality, side, lambda n: tick(full + n)) or best
+                best = side_search(model, best, on(start), quality, side, lambda n: tick(full + n))
     finally:
         for p, flag in zip(model.parameters(), trainable):
             p.requires_grad_(flag)
-    if best is None:
-        return latents
-    return model.settle({k: v[0].cpu() for k, v in best.items()}, quality)
+    return {k: v[0].cpu() for k, v in best.items()}
 
 
 class Adam:
@@ -128,16 +123,14 @@ def full_search(model, base, start, x, quality, size, steps, tick):
     found = adam_search(lambda lat: model.rd_cost(lat, x, quality, size), start, steps, FULL_LR, tick)
     with torch.no_grad():
         better = model.rd_cost(found, x, quality, size) < model.rd_cost(base, x, quality, size)
-    return found if better else None
+    return found if better else base
 
 
 def side_search(model, base, start, quality, steps, tick):
-    """The side latents (model.SIDE_KEYS) with the others held (model.side_fixed): bits alone decide. The found
-    latents, or None when they cost no less than base's side latents."""
-    fixed = model.side_fixed(base, start)
+    """The rate-only latents (model.SIDE_KEYS) with the others fixed at base's: bits alone decide."""
+    fixed = {k: v for k, v in base.items() if k not in model.SIDE_KEYS}
     found = adam_search(lambda lat: model.rate_bits({**fixed, **lat}, quality),
                         {k: start[k] for k in model.SIDE_KEYS}, steps, SIDE_LR, tick)
     with torch.no_grad():
-        before = {k: base[k] for k in model.SIDE_KEYS}
-        better = model.rate_bits({**fixed, **found}, quality) < model.rate_bits({**fixed, **before}, quality)
-    return {**fixed, **found} if better else None
+        better = model.rate_bits({**fixed, **found}, quality) < model.rate_bits(base, quality)
+    return {**fixed, **found} if better else base

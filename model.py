@@ -150,15 +150,6 @@ class CodingModel(nn.Module):
         """The entropy model's training pass on the analysis output u (models that have one)."""
         raise ValueError(f"the {self.cfg.kind} model has no learned entropy model to train alone")
 
-    # -- encoder search (effort.py): the side search's terms; the picture stays as effort 0 codes it
-    def side_fixed(self, base, start):
-        """The latents held while the side latents are searched: effort 0's integer latents."""
-        return {k: v for k, v in base.items() if k not in self.SIDE_KEYS}
-
-    def settle(self, latents, quality):
-        """The latents the coder writes for a searched latents dict (unbatched, on the CPU): these."""
-        return latents
-
     @property
     def stride(self):
         """Pixels per latent along each side."""
@@ -1091,18 +1082,13 @@ class CtxModel(HyperModel):
     def rd_cost(self, latents, x, quality, size):
         """Not searched yet: the full search rounds every latent to a whole number, and this model's latents are
         μ + whole steps, μ moving with the search."""
-        raise ValueError("the ctx model codes at efforts 0 … 3 only (efforts 1 … 3 search its side latents); "
+        raise ValueError("the ctx model codes at efforts 0 … 3 only (efforts 1 … 3 are effort 0 for it); "
                          "its full search (efforts 4 … 9) is not built yet")
 
-    def side_fixed(self, base, start):
-        """The latents held while z is searched: the analysis output before rounding, since z moves the means and
-        so where each latent rounds to (settle rounds them around the means the searched z gives)."""
-        return {"y": start["y"]}
-
-    def settle(self, latents, quality):
-        """The coded latents of searched side latents: μ + round(y − μ) under the means the searched z gives, so
-        every latent stays within half a step of the analysis output, as at effort 0."""
-        return self._rounded(latents["y"].double(), torch.round(latents["z"]).to(self.log_gain.dtype), quality)
+    # z sets the means, so moving it moves where every latent rounds to: the hyper model's side search (rate
+    # alone, picture fixed) does not apply. Measured with a re-rounding variant on 2 Kodak images: 0.16 s a
+    # step, and files 1.8 % smaller at quality 6 but 3.7 % larger at quality 2. Not used.
+    SIDE_KEYS = ()
 
     # -- the integer chain (coding)
     @property

@@ -74,18 +74,12 @@ def test_progress_and_bad_levels(hyper, seed_ckpt):
         codec.compress(seed, bytes.fromhex(ckpt["model_id"]), photo_like(32, 32), effort=4)
 
 
-def test_ctx_side_search_rounds_around_the_new_means(ctx_ckpt, crop):
-    """ctx at effort 2: z is searched, every latent is rounded again around the means the new z gives (within half
-    a step of the analysis output, as at effort 0), the model's estimated bits do not rise, and the file decodes."""
+
+def test_ctx_efforts_1_to_3_are_effort_0(ctx_ckpt, crop):
+    """ctx has no side search (z moves its means): efforts 1–3 make effort 0's file; 4–9 are a clear error."""
     model, ckpt = load_checkpoint(ctx_ckpt)
     mid = bytes.fromhex(ckpt["model_id"])
-    torch.manual_seed(0)
-    base, searched = (codec.compress(model, mid, crop, quality=5, effort=e) for e in (0, 2))
-    lat0, lat2 = (codec.read_latents(model, mid, data)[1] for data in (base, searched))
-    assert not torch.equal(lat0["z"], lat2["z"])
-    assert model.estimated_bits(lat2, 5.0) < model.estimated_bits(lat0, 5.0)
-    u = codec.analysis_of(model, crop)
-    y = (u * model.gains(5.0)[0][0]).double()
-    assert (lat2["y"] - y).abs().max() <= 0.5 + 1e-6
-    rgb, mode, _ = codec.decompress(model, mid, searched)
-    assert rgb.shape == crop.shape and mode == "RGB"
+    base = codec.compress(model, mid, crop, quality=5)
+    assert all(codec.compress(model, mid, crop, quality=5, effort=e) == base for e in (1, 3))
+    with pytest.raises(ValueError, match="efforts 0 … 3 only"):
+        codec.compress(model, mid, crop, quality=5, effort=4)
