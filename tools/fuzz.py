@@ -37,6 +37,7 @@ TARGETS = ("decode", "container", "images")
 FUZZ_PIXELS = 1 << 20  # declared sizes above this are refused before decoding (like libjpeg-turbo's fuzzers)
 PASSPHRASE = "fuzz"
 DEFAULT_FLAGS = ["-timeout=30", "-rss_limit_mb=4096", "-max_len=65536"]
+TRIM_MB = 2048  # above this resident size, freed memory goes back to the OS after an input (see trimmed)
 
 
 def import_targets(instrument):
@@ -129,12 +130,38 @@ def images_target(imagefiles):
     return one
 
 
+def trimmed(one):
+    """one, followed by glibc's malloc_trim once the process holds more than TRIM_MB.
+
+    libFuzzer's -rss_limit_mb reads the process's resident size, and glibc keeps freed memory: a 32-minute
+    decode run stopped at 4.1 GB although the input it blamed peaks at 1.3 GB decoded alone. Trimming
+    makes the limit measure what inputs need, not what the allocator kept."""
+    import ctypes
+
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (OSError, AttributeError, ValueError):
+        return one  # not glibc: nothing to hand back this way
+
+    def run(data):
+        """The target on one input, then the trim when needed."""
+        try:
+            one(data)
+        finally:
+            with open("/proc/self/statm") as f:
+                if int(f.read().split()[1]) * page > TRIM_MB << 20:
+                    malloc_trim(0)
+
+    return run
+
+
 def target(name, instrument=False):
     """The one-input function of a target."""
     warnings.simplefilter("ignore")  # Pillow warns about every malformed tag it skips
     codec, encryption, imagefiles = import_targets(instrument)
-    return {"decode": lambda: decode_target(codec), "container": lambda: container_target(encryption),
-            "images": lambda: images_target(imagefiles)}[name]()
+    return trimmed({"decode": lambda: decode_target(codec), "container": lambda: container_target(encryption),
+                    "images": lambda: images_target(imagefiles)}[name]())
 
 
 def make_corpus():
