@@ -2,7 +2,7 @@
 same file size, with a split line to drag across the two pictures.
 
   python demo.py                                  # then open http://127.0.0.1:8000
-  python demo.py --port 8080 --weights weights/hyper.pt
+  python demo.py --port 8080 --weights weights/hyper.pt   # another of the shipped models
   python demo.py --host 0.0.0.0                   # let other machines connect (it listens on loopback by default)
 
 Drop any photo on the page (PNG, JPEG, WebP, TIFF, …; large ones are coded in tiles, not refused); ours

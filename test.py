@@ -22,7 +22,7 @@ from runtime import HelpFormatter
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # shipped weights and sample images are found from here
 WEIGHTS_DIR = os.path.join(ROOT, "weights")
-DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "hyper.pt")
+DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "ctx.pt")
 DEFAULT_EFFORT = 1  # effort.DEFAULT (not imported here: it would import torch before --help answers)
 
 
@@ -41,7 +41,7 @@ def encode_options():
     """Options of the commands that write .qae files."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--quality", type=float, default=None,
-                   help="rd / hyper models: 1 (smallest) … 8 (best), fractions allowed; default: the highest")
+                   help="rd / hyper / ctx models: 1 (smallest) … 8 (best), fractions allowed; default: the highest")
     p.add_argument("--coder", default="constriction", help="entropy coder: constriction or arithmetic-compressor")
     p.add_argument("--effort", type=int, default=DEFAULT_EFFORT,
                    help="encoder effort 0 … 9: higher searches longer for smaller files at the same quality "

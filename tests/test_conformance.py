@@ -3,14 +3,18 @@ file of the current format version is re-encoded from its source image to the sa
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
 
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
 import codec
 from checkpoint import load_checkpoint
+from make_conformance import latent_digest  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "tests", "conformance")
 with open(os.path.join(CORPUS, "manifest.json")) as f:
@@ -33,7 +37,7 @@ def sha(data):
 
 def test_corpus_covers_every_model_coder_mode_and_version():
     """The corpus holds each shipped model, both coders, every mode and each format version still read."""
-    assert {e["weights"] for e in ENTRIES} == {"seed_resnet101.pt", "rd.pt", "hyper.pt"}
+    assert {e["weights"] for e in ENTRIES} == {"seed_resnet101.pt", "rd.pt", "hyper.pt", "ctx.pt"}
     assert {e["coder"] for e in ENTRIES} == set(codec.CODERS)
     assert {e["version"] for e in ENTRIES} == {3, codec.VERSION}
     modes = {codec.unpack(open(os.path.join(CORPUS, e["file"]), "rb").read())[0]["mode"] for e in ENTRIES}
@@ -42,16 +46,19 @@ def test_corpus_covers_every_model_coder_mode_and_version():
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["file"] for e in ENTRIES])
 def test_file_decodes_to_the_recorded_image(entry):
-    """Decoded latents (exact on every machine) and decoded pixels match the manifest."""
+    """Decoded latents (exact on every machine) match the manifest, and decoded pixels the stored image: the same
+    bytes, or (another CPU or thread count) within one level."""
     model, mid = shipped(entry["weights"])
     with open(os.path.join(CORPUS, entry["file"]), "rb") as f:
         data = f.read()
     assert sha(data) == entry["sha256_file"]
-    latents = codec.read_latents(model, mid, data)[1]
-    assert sha(b"".join(latents[k].numpy().astype(np.int32).tobytes() for k in sorted(latents))) == entry["sha256_latents"]
+    assert latent_digest(codec.read_latents(model, mid, data)[1]) == entry["sha256_latents"]
     rgb, mode, alpha = codec.decompress(model, mid, data)
     digest = sha(mode.encode() + np.ascontiguousarray(rgb).tobytes() + (b"" if alpha is None else alpha.tobytes()))
-    assert digest == entry["sha256_image"]
+    if digest != entry["sha256_image"]:  # float synthesis: another CPU or thread count may round a pixel the other way
+        ref_rgb, ref_mode, ref_alpha, _ = codec.read_image(os.path.join(CORPUS, "decoded", entry["file"] + ".png"))
+        assert mode == ref_mode and np.abs(rgb.astype(int) - ref_rgb).max() <= 1
+        assert (alpha is None) == (ref_alpha is None) and (alpha is None or np.array_equal(alpha, ref_alpha))
 
 
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if e["version"] == codec.VERSION],

@@ -11,3 +11,12 @@ def test_cli_default_effort_is_the_library_default():
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     assert cli.DEFAULT_EFFORT == effort.DEFAULT
+
+
+def test_cli_default_weights_are_the_library_default():
+    import checkpoint
+
+    spec = importlib.util.spec_from_file_location("qae_cli", os.path.join(ROOT, "test.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.DEFAULT_WEIGHTS == checkpoint.DEFAULT_WEIGHTS and os.path.exists(cli.DEFAULT_WEIGHTS)
