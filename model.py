@@ -1,5 +1,5 @@
-"""The networks and their configs: the seed's ResNet auto-encoder, the rate–distortion (rd) model and
-its hyperprior variant (hyper).
+"""The networks and their configs: the seed's ResNet auto-encoder, the rate–distortion (rd) model, its
+hyperprior variant (hyper) and the context model (ctx).
 
 Every model class offers the same coding interface, which is all that codec.py and train.py use:
 
@@ -16,7 +16,7 @@ Every model class offers the same coding interface, which is all that codec.py a
                                        what effort.py's encoder search needs (the seed refuses one)
 
 and for training: forward, evaluate, loss, draw_randomness, validation_qualities, initialise,
-refit, adopt, build_tables / has_tables. This module imports only quantize.py (and torch /
+refit, adopt, build_tables / has_tables, and entropy_forward / freeze_transforms (train.py --entropy-only). This module imports only quantize.py (and torch /
 torchvision); checkpoint files are checkpoint.py's.
 """
 import math
