@@ -16,8 +16,9 @@ Every model class offers the same coding interface, which is all that codec.py a
                                        what effort.py's encoder search needs (the seed refuses one)
 
 and for training: forward, evaluate, loss, draw_randomness, validation_qualities, initialise,
-refit, adopt, build_tables / has_tables, and entropy_forward / freeze_transforms (train.py --entropy-only). This module imports only quantize.py (and torch /
-torchvision); checkpoint files are checkpoint.py's.
+refit, adopt, build_tables / has_tables, and entropy_forward / freeze_transforms (train.py
+--entropy-only). This module imports only quantize.py (and torch / torchvision); checkpoint files are
+checkpoint.py's.
 """
 import math
 import struct
@@ -1149,8 +1150,8 @@ class CtxModel(HyperModel):
                 x = torch.cat([feats[a:b].double(), feats[m + a : m + b].double(), inputs[:a]])
                 mean, log_scale = self._refined(self.context[k - 1], x, mean, log_scale)
             decoded = torch.zeros((b - a, *size), dtype=torch.int64)
-            for where in ((black, ~black) if self.spatial else (None,)):
-                if where is not None and where is not black:  # white squares: refined from the black ones
+            for half, where in enumerate((black, ~black) if self.spatial else (None,)):
+                if half:  # white squares: refined from the black ones
                     x = torch.where(black, unscaled(decoded, igain[a:b]), 0.0)
                     mean, log_scale = self._refined(self.spatial[k], x, mean, log_scale)
                 mean_y = torch.div(mean.clamp(-ACT_MAX, ACT_MAX).to(torch.int64) * gain[a:b],
@@ -1175,12 +1176,7 @@ class CtxModel(HyperModel):
         """The whole image's unscaled latents (M, h, w) → {"y": decoded latents μ + round(y − μ) (float64, exact),
         "z": integer side latents}."""
         y = (u[None] * self.gains(quality)[0].to(u.device))[0].cpu().double()
-        return self._rounded(y, self.side_latents(u[None])[0].cpu(), quality)
-
-    @torch.no_grad()
-    def _rounded(self, y, z, quality):
-        """The coded latents of scaled latents y (M, h, w; float64, CPU) given integer side latents z: the chain
-        with the encoder's rounding; its symbols are kept for write_latents."""
+        z = self.side_latents(u[None])[0].cpu()
         coded = []
 
         def rounding(a, b, mean, index, where):
@@ -1226,10 +1222,10 @@ class CtxModel(HyperModel):
 
         def read(a, b, mean, index, where):
             """The symbols of the slice (at `where`) from the payload."""
-            symbols = torch.zeros(index.shape, dtype=torch.int64)
             values = torch.from_numpy(read_scaled(self.gaussian, dec, masked(index, where))).to(torch.int64)
             if where is None:
                 return values
+            symbols = torch.zeros(index.shape, dtype=torch.int64)
             symbols[:, where] = values
             return symbols
 
