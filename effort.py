@@ -72,16 +72,16 @@ def refine(model, latents, start, rgb, quality, effort, progress=None):
     model.requires_grad_(False)  # gradients of the latents only: the weights' would double the work
     try:
         with torch.enable_grad():
-            best = on(latents)
+            best = latents
             if full:
-                best = full_search(model, best, on(start), image_tensor(rgb, model.stride, device), quality,
-                                   (h, w), full, tick)
+                best = full_search(model, best, start, image_tensor(rgb, model.stride, device), quality,
+                                   (h, w), full, on, tick)
             if side:
-                best = side_search(model, best, on(start), quality, side, lambda n: tick(full + n))
+                best = side_search(model, best, start, quality, side, on, lambda n: tick(full + n))
     finally:
         for p, flag in zip(model.parameters(), trainable):
             p.requires_grad_(flag)
-    return {k: v[0].cpu() for k, v in best.items()}
+    return best
 
 
 class Adam:
@@ -107,30 +107,33 @@ class Adam:
 
 
 def adam_search(cost, variables, steps, lr, tick):
-    """Minimise cost(rounding) over the continuous variables with Adam under SGA rounding; rounded result."""
+    """Minimise cost(variables, rounding) over the continuous variables with Adam, the model quantizing them with
+    SGA rounding; returns them continuous, unbatched, on the CPU (the model's `settled` makes them codable)."""
     variables = {k: v.clone().requires_grad_(True) for k, v in variables.items()}
     opt = Adam(variables.values(), lr=lr)
     for step in range(steps):
         tau = temperature(step, steps)
-        cost({k: sga_round(v, tau) for k, v in variables.items()}).backward()
+        cost(variables, lambda v: sga_round(v, tau)).backward()
         opt.step()
         tick(step + 1)
-    return {k: torch.round(v.detach()) for k, v in variables.items()}
+    return {k: v.detach()[0].cpu() for k, v in variables.items()}
 
 
-def full_search(model, base, start, x, quality, size, steps, tick):
-    """Every latent under rate + λ·distortion; the result if its rounded cost is below base's, else base."""
-    found = adam_search(lambda lat: model.rd_cost(lat, x, quality, size), start, steps, FULL_LR, tick)
+def full_search(model, base, start, x, quality, size, steps, on, tick):
+    """Every latent under rate + λ·distortion; the result if its cost is below base's, else base."""
+    relaxed = adam_search(lambda v, r: model.rd_cost(v, x, quality, size, r), on(start), steps, FULL_LR, tick)
+    found = model.settled(relaxed, quality)
     with torch.no_grad():
-        better = model.rd_cost(found, x, quality, size) < model.rd_cost(base, x, quality, size)
+        better = model.rd_cost(on(found), x, quality, size) < model.rd_cost(on(base), x, quality, size)
     return found if better else base
 
 
-def side_search(model, base, start, quality, steps, tick):
+def side_search(model, base, start, quality, steps, on, tick):
     """The rate-only latents (model.SIDE_KEYS) with the others fixed at base's: bits alone decide."""
-    fixed = {k: v for k, v in base.items() if k not in model.SIDE_KEYS}
-    found = adam_search(lambda lat: model.rate_bits({**fixed, **lat}, quality),
-                        {k: start[k] for k in model.SIDE_KEYS}, steps, SIDE_LR, tick)
+    fixed = on({k: v for k, v in base.items() if k not in model.SIDE_KEYS})
+    found = adam_search(lambda v, r: model.rate_bits({**fixed, **{k: r(t) for k, t in v.items()}}, quality),
+                        on({k: start[k] for k in model.SIDE_KEYS}), steps, SIDE_LR, tick)
+    found = {**base, **model.settled(found, quality)}
     with torch.no_grad():
-        better = model.rate_bits({**fixed, **found}, quality) < model.rate_bits(base, quality)
-    return {**fixed, **found} if better else base
+        better = model.rate_bits(on(found), quality) < model.rate_bits(on(base), quality)
+    return found if better else base

@@ -74,12 +74,30 @@ def test_progress_and_bad_levels(hyper, seed_ckpt):
         codec.compress(seed, bytes.fromhex(ckpt["model_id"]), photo_like(32, 32), effort=4)
 
 
+@pytest.fixture(scope="module")
+def ctx():
+    """The shipped context model and its identity."""
+    model, ckpt = load_checkpoint(os.path.join(ROOT, "weights", "ctx.pt"))
+    return model, bytes.fromhex(ckpt["model_id"])
 
-def test_ctx_efforts_1_to_3_are_effort_0(ctx_ckpt, crop):
-    """ctx has no side search (z moves its means): efforts 1–3 make effort 0's file; 4–9 are a clear error."""
-    model, ckpt = load_checkpoint(ctx_ckpt)
-    mid = bytes.fromhex(ckpt["model_id"])
+
+@pytest.mark.parametrize("name", ["hyper", "ctx"])
+def test_settled_start_is_effort_0(name, hyper, ctx, crop):
+    """A search that does not move makes effort 0's latents: settled(relaxed_latents) == latents."""
+    model, _ = {"hyper": hyper, "ctx": ctx}[name]
+    u = codec.analysis_of(model, crop)
+    settled, direct = model.settled(model.relaxed_latents(u, 3.5), 3.5), model.latents(u, 3.5)
+    assert settled.keys() == direct.keys()
+    assert all(torch.equal(settled[k].double(), direct[k].double()) for k in direct)
+
+
+def test_ctx_full_search(ctx, crop):
+    """ctx's full search (efforts 4–9) moves y and z around the exact integer means: a lower cost, and the
+    same decoder reads the file; efforts 1–3 (no side search: z moves the means) make effort 0's file."""
+    model, mid = ctx
     base = codec.compress(model, mid, crop, quality=5)
     assert all(codec.compress(model, mid, crop, quality=5, effort=e) == base for e in (1, 3))
-    with pytest.raises(ValueError, match="efforts 0 … 3 only"):
-        codec.compress(model, mid, crop, quality=5, effort=4)
+    torch.manual_seed(0)
+    searched = codec.compress(model, mid, crop, quality=5, effort=4)
+    assert searched != base and cost(model, searched, crop, 5) < cost(model, base, crop, 5)
+    assert np.array_equal(codec.decompress(model, mid, searched)[0], codec.decompress(model, mid, searched)[0])
