@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-cache", action="store_true", help="recompute every codec")
     p.add_argument("--report-only", action="store_true",
-                   help="code nothing: rebuild points.csv, the plots and the tables from the JSONs already in --out")
+                   help="code nothing: rebuild points.csv, the plots and the tables from the JSONs already in --out "
+                        "(and visual.png, coding only its image once per codec, when --data holds it)")
     return p.parse_args(argv)
 
 
@@ -302,29 +303,65 @@ def plot(curves, key, ylabel, path):
     plt.close(fig)
 
 
-def visual(curves, images, coders, stem, target_bpp, path, crop=256):
-    """The same crop of one image from the original and every codec at the bpp nearest the target."""
-    from PIL import ImageDraw
+def visual(curves, images, coders, stem, target_bpp, path, crop=256, columns=5):
+    """The same crop of one image from the original and every codec at its setting nearest the target bpp
+    (codecs with none within a factor of 2 are left out), each labelled with its own file's bpp and PSNR."""
+    from PIL import ImageDraw, ImageFont
 
     name, rgb = next(((n, x) for n, x in images if n == stem), images[0])
     h, w = rgb.shape[:2]
     y0, x0 = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
     tiles = [("original", rgb)]
     for c in curves:
-        if c["name"] not in coders:
+        rows = [(p["quality"], r["bpp"]) for p in c.get("per_image", []) for r in p["images"] if r["image"] == name]
+        if c["name"] not in coders or not rows:
             continue
-        best = min(((p["quality"], r) for p in c["per_image"] for r in p["images"] if r["image"] == name),
-                   key=lambda qr: abs(qr[1]["bpp"] - target_bpp), default=None)
-        if best is not None:
-            tiles.append((f"{c['name']} {best[1]['bpp']:.3f} bpp {best[1]['psnr']:.2f} dB", coders[c["name"]](rgb, best[0])))
-    label_h = 18
-    sheet = Image.new("RGB", (len(tiles) * (crop + 4), crop + label_h), "white")
+        quality, bpp = min(rows, key=lambda qb: abs(math.log(qb[1] / target_bpp)))
+        if abs(math.log(bpp / target_bpp)) <= math.log(2):
+            size, out = coders[c["name"]](rgb, quality)
+            tiles.append((f"{short_label(c)}: {size * 8 / (h * w):.3f} bpp, {metrics.psnr(rgb, out):.2f} dB", out))
+    font, label_h = ImageFont.load_default(size=13), 20
+    cols = min(columns, len(tiles))
+    sheet = Image.new("RGB", (cols * (crop + 4), -(-len(tiles) // cols) * (crop + label_h + 4)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (label, img) in enumerate(tiles):
-        sheet.paste(Image.fromarray(img[y0 : y0 + crop, x0 : x0 + crop]), (i * (crop + 4), label_h))
-        draw.text((i * (crop + 4) + 2, 3), label, fill="black")
+        x, y = (i % cols) * (crop + 4), (i // cols) * (crop + label_h + 4)
+        sheet.paste(Image.fromarray(img[y0 : y0 + crop, x0 : x0 + crop]), (x, y + label_h))
+        draw.text((x + 2, y + 3), label, fill="black", font=font)
     sheet.save(path)
     print(f"visual comparison of {name} at ~{target_bpp} bpp: {path}")
+
+
+def stored_coders(curves):
+    """Coders for the curves of an earlier run (--report-only): our checkpoints by name from weights/ at the
+    curve's effort, the classic codecs by name; curves whose checkpoint is gone are left out."""
+    coders = {}
+    for c in curves:
+        found = re.match(r"ours-(.*?)(?:-e(\d+))?$", c["name"])
+        path = found and os.path.join(ROOT, "weights", found.group(1) + ".pt")
+        if path and os.path.exists(path):
+            coders[c["name"]] = our_coder(*load_checkpoint(path), int(found.group(2) or 0))
+        elif c["name"] in CLASSIC and (not CLASSIC[c["name"]][1] or plugin_of(CLASSIC[c["name"]][1])):
+            coders[c["name"]] = classic_coder(CLASSIC[c["name"]][2])
+    return coders
+
+
+def our_coder(model, ckpt, effort):
+    """(rgb, quality) → (file bytes, decoded rgb) of one of our checkpoints at an effort."""
+    mid = bytes.fromhex(ckpt["model_id"])
+
+    def code(rgb, quality):
+        data = compress(model, mid, rgb, quality=quality, effort=effort)
+        return len(data), decompress(model, mid, data)[0]
+    return code
+
+
+def classic_coder(encoder):
+    """(rgb, quality) → (file bytes, decoded rgb) of a classic codec."""
+    def code(rgb, quality):
+        data = encoder(Image.fromarray(rgb), quality)
+        return len(data), classic_decode(data)
+    return code
 
 
 def strict_json(value):
@@ -373,8 +410,7 @@ def our_curves(args, images, image_key, coders):
             return summarise(cname, label, points)
 
         curves.append(cached(args.out, cname, key, compute, not args.no_cache))
-        mid = bytes.fromhex(ckpt["model_id"])
-        coders[cname] = lambda rgb, q, m=model, i=mid: decompress(m, i, compress(m, i, rgb, quality=q))[0]
+        coders[cname] = our_coder(model, ckpt, args.effort)
     return curves
 
 
@@ -385,7 +421,7 @@ def classic_curve(args, name, images, image_key, coders):
         print(f"skipping {name}: Pillow plugin {plugin!r} is not installed")
         return None
     key = {"qualities": qualities, "label": label, "images": image_key}
-    coders[name] = lambda rgb, q, e=encoder: classic_decode(e(Image.fromarray(rgb), q))
+    coders[name] = classic_coder(encoder)
     return cached(args.out, name, key, lambda: summarise(name, *classic_points(name, images)), not args.no_cache)
 
 
@@ -394,7 +430,15 @@ def main(argv=None):
     args = parse_args(argv)
     extras = [load_extra(p) for p in args.extra]
     if args.report_only:
-        write_reports(load_curves(args.out) + extras, args.anchor, args.out)
+        curves = load_curves(args.out)
+        write_reports(curves + extras, args.anchor, args.out)
+        stem = args.visual_image or "kodim23"
+        coded = any(r["image"] == stem for c in curves for p in c.get("per_image", []) for r in p["images"])
+        found = [p for p in list_images(args.data) if os.path.splitext(os.path.basename(p))[0] == stem] \
+            if coded and os.path.isdir(args.data) else []
+        if found:  # the visual needs the picture itself: one image coded once per codec
+            visual(curves, [(stem, read_image(found[0])[0])], stored_coders(curves), stem, args.visual_bpp,
+                   os.path.join(args.out, "visual.png"))
         return 0
     keep_freed_memory()  # as test.py does, so our timings are what a user gets
     if args.threads:

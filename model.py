@@ -1053,8 +1053,8 @@ class CtxModel(HyperModel):
         return torch.cat([u, u.abs()], 1)
 
     def _slices(self, h, y, g, ig, rounding=ste_round):
-        """Float context chain (training and estimates): h_s' output h, the latents y and the gains → the means
-        and log-scales of every latent (y units) and the decoded latents μ + rounding(y − μ) (straight through unless told)."""
+        """Float context chain (training, estimates, the encoder search): h_s' output h, the latents y and the gains →
+        the means and log-scales of every latent (y units) and the decoded latents μ + rounding(y − μ)."""
         m, means, log_scales, decoded = self.cfg.M, [], [], []
         black = checkerboard(y.shape[-2:], y.device)
         for k, (a, b) in enumerate(self.bounds):

@@ -43,6 +43,13 @@ def test_benchmark_end_to_end(rd_ckpt, tmp_path):
     r3 = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), "--out", str(out), "--report-only"],
                         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r3.returncode == 0 and "| JPEG 4:2:0" in (out / "bd_rates.md").read_text(), r3.stderr
+    # ... and, given the picture, visual.png again: its image coded once per codec whose weights are at hand.
+    (out / "visual.png").unlink()
+    bpp = json.load(open(out / "jpeg420.json"))["per_image"][1]["images"][0]["bpp"]
+    r4 = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), "--out", str(out), "--report-only",
+                         "--data", str(data), "--visual-image", "img0", "--visual-bpp", str(bpp)],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r4.returncode == 0 and Image.open(out / "visual.png").size[0] >= 2 * 260, r4.stderr
     # A re-run with the cache recomputes nothing: it is fast and gives the same numbers.
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r2.returncode == 0 and json.load(open(out / "jpeg420.json")) == json.load(open(out / "jpeg420.json"))
