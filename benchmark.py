@@ -319,8 +319,9 @@ def visual(curves, images, coders, stem, target_bpp, path, crop=256, columns=5):
         quality, bpp = min(rows, key=lambda qb: abs(math.log(qb[1] / target_bpp)))
         if abs(math.log(bpp / target_bpp)) <= math.log(2):
             size, out = coders[c["name"]](rgb, quality)
-            tiles.append((f"{short_label(c)}: {size * 8 / (h * w):.3f} bpp, {metrics.psnr(rgb, out):.2f} dB", out))
-    font, label_h = ImageFont.load_default(size=13), 20
+            tiles.append((f"{short_label(c)}\n{size * 8 / (h * w):.3f} bpp, {metrics.psnr(rgb, out):.2f} dB", out))
+    tiles[1:] = sorted(tiles[1:], key=lambda t: not t[0].startswith("ours"))  # ours first, in --weights order
+    font, label_h = ImageFont.load_default(size=13), 36
     cols = min(columns, len(tiles))
     sheet = Image.new("RGB", (cols * (crop + 4), -(-len(tiles) // cols) * (crop + label_h + 4)), "white")
     draw = ImageDraw.Draw(sheet)

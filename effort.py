@@ -22,6 +22,7 @@ DEFAULT = 1  # of test.py and the Python API: the most bits saved per extra seco
 FULL_LR, SIDE_LR = 0.02, 0.05  # Adam step sizes, in units of the quantisation step (measured best of 0.005 … 0.2)
 TAU_MAX, TAU_MIN = 0.5, 0.2  # SGA temperature, annealed exponentially over a search (0.2 beat 0.05 at the end)
 MAX_PIXELS = 4 << 20  # the full search keeps the synthesis' activations and gradients of the whole image
+SEED = 0  # of the search's random rounding draws
 
 
 def steps_of(effort):
@@ -31,13 +32,14 @@ def steps_of(effort):
     return LEVELS[effort]
 
 
-def sga_round(v, tau):
+def sga_round(v, tau, generator=None):
     """Stochastic Gumbel annealing: a differentiable draw between floor and ceil of v that sharpens to
     rounding as tau → 0 (probabilities from the distance to each side, as in Yang et al. 2020)."""
     low = torch.floor(v)
     frac = (v - low).clamp(1e-4, 1 - 1e-4)
     logits = torch.stack([-torch.atanh(frac), -torch.atanh(1 - frac)], -1) / tau
-    return low + torch.nn.functional.gumbel_softmax(logits, tau=1.0, hard=False)[..., 1]
+    uniform = torch.rand(logits.shape, generator=generator, device=v.device).clamp_(1e-10, 1 - 1e-7)
+    return low + torch.softmax(logits - torch.log(-torch.log(uniform)), -1)[..., 1]
 
 
 def temperature(step, steps):
@@ -111,9 +113,11 @@ def adam_search(cost, variables, steps, lr, tick):
     SGA rounding; returns them continuous, unbatched, on the CPU (the model's `settled` makes them codable)."""
     variables = {k: v.clone().requires_grad_(True) for k, v in variables.items()}
     opt = Adam(variables.values(), lr=lr)
+    device = next(iter(variables.values())).device
+    draws = torch.Generator(device).manual_seed(SEED)  # its own: the same file every run, the caller's RNG untouched
     for step in range(steps):
         tau = temperature(step, steps)
-        cost(variables, lambda v: sga_round(v, tau)).backward()
+        cost(variables, lambda v: sga_round(v, tau, draws)).backward()
         opt.step()
         tick(step + 1)
     return {k: v.detach()[0].cpu() for k, v in variables.items()}
