@@ -56,9 +56,9 @@ def image_tensor(rgb, stride, device):
 
 
 def refine(model, latents, start, rgb, quality, effort, progress=None):
-    """Effort 0's latents dict of an image → latents the model codes at a lower cost (same keys, integer
-    values, on the CPU), searched from `start` (the model's relaxed_latents). `progress(done, total)` is
-    called after each step."""
+    """Effort 0's latents dict of an image → latents the model codes at a lower cost (same keys, codable
+    values as the model's `settled` makes them, on the CPU), searched from `start` (the model's
+    relaxed_latents). `progress(done, total)` is called after each step."""
     full, side = steps_of(effort)
     side = side if model.SIDE_KEYS else 0
     if full + side == 0:
