@@ -213,8 +213,14 @@ def short_label(curve):
     """"ours: hyper, effort 3" for our curves, the codec's own description for the others."""
     if not curve["name"].startswith("ours-"):
         return curve["description"] or curve["name"]
-    found = re.match(r"ours-(.*?)(?:-e(\d+))?$", curve["name"])
-    return f"ours: {found.group(1)}, effort {found.group(2) or 0}"
+    stem, effort = our_curve_name(curve["name"])
+    return f"ours: {stem}, effort {effort}"
+
+
+def our_curve_name(name):
+    """"ours-STEM-eN" → (STEM, N), "ours-STEM" → (STEM, 0): the checkpoint and effort a curve was made with."""
+    found = re.match(r"ours-(.*?)(?:-e(\d+))?$", name)
+    return found.group(1), int(found.group(2) or 0)
 
 
 def plot_tradeoff(rows, reference, path):
@@ -338,10 +344,10 @@ def stored_coders(curves):
     curve's effort, the classic codecs by name; curves whose checkpoint is gone are left out."""
     coders = {}
     for c in curves:
-        found = re.match(r"ours-(.*?)(?:-e(\d+))?$", c["name"])
-        path = found and os.path.join(ROOT, "weights", found.group(1) + ".pt")
+        stem, effort = our_curve_name(c["name"]) if c["name"].startswith("ours-") else (None, 0)
+        path = stem and os.path.join(ROOT, "weights", stem + ".pt")
         if path and os.path.exists(path):
-            coders[c["name"]] = our_coder(*load_checkpoint(path), int(found.group(2) or 0))
+            coders[c["name"]] = our_coder(*load_checkpoint(path), effort)
         elif c["name"] in CLASSIC and (not CLASSIC[c["name"]][1] or plugin_of(CLASSIC[c["name"]][1])):
             coders[c["name"]] = classic_coder(CLASSIC[c["name"]][2])
     return coders
