@@ -12,6 +12,12 @@ sys.path.insert(0, ROOT)
 from checkpoint import save_checkpoint  # noqa: E402
 from model import CtxConfig, HyperConfig, RDConfig, SeedConfig, build_model  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel test processes (pytest -n): one thread each, and for the scripts they start, so the
+    # processes share the cores instead of oversubscribing them (tests of thread counts set their own).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 TINY_RD = RDConfig(N=16, M=24)
 TINY_HYPER = HyperConfig(N=16, M=24, H=8)
 TINY_CTX = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16, spatial=8)  # with a checkerboard
@@ -39,28 +45,20 @@ def tiny_checkpoint(folder, config, name):
     return path
 
 
-@pytest.fixture(scope="session")
-def rd_ckpt(tmp_path_factory):
-    """Path of a tiny untrained rd checkpoint with its integer tables built."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_RD, "rd_tiny.pt")
+def tiny_fixture(config, name, doc):
+    """A session fixture: the path of a tiny untrained checkpoint of config, saved once per test process."""
+
+    def fixture(tmp_path_factory):
+        return tiny_checkpoint(tmp_path_factory.mktemp("w"), config, name)
+
+    fixture.__doc__ = doc
+    return pytest.fixture(scope="session", name=name.removesuffix("_tiny.pt") + "_ckpt")(fixture)
 
 
-@pytest.fixture(scope="session")
-def hyper_ckpt(tmp_path_factory):
-    """Path of a tiny untrained hyperprior checkpoint with its integer tables built."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_HYPER, "hyper_tiny.pt")
-
-
-@pytest.fixture(scope="session")
-def ctx_ckpt(tmp_path_factory):
-    """Path of a tiny untrained context-model checkpoint (3 slices) with its integer tables built."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_CTX, "ctx_tiny.pt")
-
-
-@pytest.fixture(scope="session")
-def ctx_plain_ckpt(tmp_path_factory):
-    """Path of a tiny untrained context-model checkpoint without the checkerboard."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("w"), TINY_CTX_PLAIN, "ctx_plain_tiny.pt")
+rd_ckpt = tiny_fixture(TINY_RD, "rd_tiny.pt", "A tiny untrained rd checkpoint with its integer tables built.")
+hyper_ckpt = tiny_fixture(TINY_HYPER, "hyper_tiny.pt", "A tiny untrained hyperprior checkpoint with its tables built.")
+ctx_ckpt = tiny_fixture(TINY_CTX, "ctx_tiny.pt", "A tiny untrained context-model checkpoint (3 slices, checkerboard).")
+ctx_plain_ckpt = tiny_fixture(TINY_CTX_PLAIN, "ctx_plain_tiny.pt", "The same without the checkerboard.")
 
 
 @pytest.fixture(scope="session")
