@@ -44,7 +44,9 @@ class CropDataset(Dataset):
         return img
 
     def __getitem__(self, key):
-        """Crop for key = (index, seed) (random) or index (centre): float tensor (3, crop, crop) in [0, 1]."""
+        """Crop for key = (index, seed) (random) or index (centre): uint8 tensor (3, crop, crop). Bytes, not floats:
+        a quarter of the data for the loader's workers to hand over and for the copy to the device
+        (on_device makes them floats there)."""
         i, seed = key if isinstance(key, (tuple, list)) else (key, None)
         rng = np.random.default_rng(seed) if seed is not None else None
         img = self._scaled(self.images[i], rng)
@@ -56,7 +58,13 @@ class CropDataset(Dataset):
         patch = img[y : y + self.crop, x : x + self.crop]
         if rng and rng.random() < 0.5:
             patch = patch[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float() / 255.0
+        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
+
+
+def on_device(batch, device):
+    """A batch of uint8 crops (or already-float latents) → float32 on the device, crops scaled to [0, 1]."""
+    batch = batch.to(device, non_blocking=True)
+    return batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch
 
 
 def split_paths(paths, val_fraction, seed=0):

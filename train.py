@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
-from dataset import CropDataset, LatentBank, split_paths
+from dataset import CropDataset, LatentBank, on_device, split_paths
 from imagefiles import list_images
 from model import CtxConfig, HyperConfig, RDConfig, SeedConfig, build_model
 from runtime import HelpFormatter, keep_freed_memory, resolve_device
@@ -194,7 +194,8 @@ def epoch_loader(dataset, state, args, rank=0, world=1):
     for b in range(state["epoch_step"], steps_per_epoch(dataset, args)):
         for pos in range(b * args.batch_size + rank * local, b * args.batch_size + (rank + 1) * local):
             keys.append((order[pos], int(np.random.SeedSequence([args.seed, state["epoch"], pos]).generate_state(1)[0])))
-    return DataLoader(KeyedItems(dataset, keys), batch_size=local, shuffle=False, num_workers=args.workers)
+    return DataLoader(KeyedItems(dataset, keys), batch_size=local, shuffle=False, num_workers=args.workers,
+                      pin_memory=args.device.startswith("cuda"))  # pinned pages: the copy overlaps the step
 
 
 class KeyedItems(torch.utils.data.Dataset):
@@ -221,7 +222,7 @@ def lr_at(step, progress, args):
 def validate(model, val, vgg, args):
     """Mean validation loss and parts, with real rounding (eval mode), at a few fixed qualities."""
     model.eval()
-    x = torch.stack([val[i] for i in range(len(val))]).to(args.device)
+    x = on_device(torch.stack([val[i] for i in range(len(val))]), args.device)
     qualities, totals = model.validation_qualities(), {}
     for q in qualities:
         quality = None if q is None else torch.full((len(x),), q)
@@ -396,7 +397,7 @@ def setup(args):
 
 def start_model(model, state, args, train_set):
     """A fresh run: the model's own initialisation; an --init run: fit the entropy model when it has none."""
-    crops = lambda: torch.stack([train_set[i] for i in range(min(64, len(train_set)))]).to(args.device)  # noqa: E731
+    crops = lambda: on_device(torch.stack([train_set[i] for i in range(min(64, len(train_set)))]), args.device)  # noqa: E731
     if state["step"] == 0 and not args.init and args.init_transforms == "haar":
         done = model.initialise(crops())
         if done:
@@ -434,7 +435,7 @@ def training_layout(args):
 
 def train_step(run, x, seeds, state, args, start):
     """One optimizer step on a batch; returns (loss, parts), or None when the batch was a loss spike."""
-    x = x.to(args.device, non_blocking=True).contiguous(memory_format=run.layout)
+    x = on_device(x, args.device).contiguous(memory_format=run.layout)
     quality, noise = run.model.draw_randomness(seeds, args.crop)
     with run.amp:
         forward = run.model.entropy_forward if args.entropy_only else run.net
