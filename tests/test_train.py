@@ -194,3 +194,17 @@ def test_entropy_only_needs_an_entropy_model(photos, tmp_path):
     r = train("--arch", "resnet18", "--train-dir", photos, "--out", str(tmp_path), "--max-steps", "1",
               "--entropy-only", *TINY[2:])
     assert r.returncode != 0 and "no learned entropy model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_crops_travel_as_bytes_and_arrive_as_unit_floats(photos):
+    """The loader hands over uint8 crops (same key, same crop); on_device makes them floats in [0, 1]."""
+    from dataset import CropDataset, on_device
+    from imagefiles import list_images
+
+    data = CropDataset(list_images(photos), crop=32)
+    crop = data[(3, 12345)]
+    assert crop.dtype == torch.uint8 and crop.shape == (3, 32, 32) and torch.equal(crop, data[(3, 12345)])
+    x = on_device(torch.stack([crop, data[0]]), "cpu")
+    assert x.dtype == torch.float32 and torch.equal(x[0], crop.float() / 255.0) and 0 <= x.min() <= x.max() <= 1
+    latents = torch.randn(1, 4, 2, 2)
+    assert on_device(latents, "cpu") is latents  # the --entropy-only bank's float windows pass as they are
