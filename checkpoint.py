@@ -109,4 +109,5 @@ def find_checkpoint(model_id, folder=WEIGHTS_DIR):
             continue
         if isinstance(ckpt, dict) and ckpt.get("model_id") == model_id:
             return path
-    raise LookupError(f"no checkpoint in {folder}/ has the identity {model_id} that made this file (pass --weights)")
+    raise LookupError(f"no checkpoint in {folder}/ has the identity {model_id} that made this file (pass --weights; "
+                      f"weights the repository shipped before are in its history: git log -- weights/)")
