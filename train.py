@@ -58,6 +58,10 @@ def parse_args(argv=None):
                    help="train only the entropy model (hyperprior, context, priors) on the stored analysis output of "
                         "the frozen transforms, with the rate as the loss: g_a runs once per photo and g_s never, "
                         "so steps are many times cheaper (a first stage after --init from another kind)")
+    p.add_argument("--entropy-lr-scale", type=float, default=None,
+                   help="ctx: learning rate of the entropy networks as a multiple of --lr (default: the model's 10, "
+                        "for networks that start from zero; 1 for a joint fine-tune of a trained ctx, whose first "
+                        "steps 10 would spoil)")
     add_model_args(p.add_argument_group("model"))
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (images are cached in RAM, 0 is usually fastest)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -300,12 +304,22 @@ def synced(values, rank, world):
     return t.tolist()
 
 
+def make_optimizer(model, args):
+    """Adam over the model's parameter groups; --entropy-lr-scale replaces the scale of the groups that have one."""
+    groups = model.param_groups()
+    if args.entropy_lr_scale is not None:
+        for group in groups:
+            if "lr_scale" in group:
+                group["lr_scale"] = args.entropy_lr_scale
+    return torch.optim.Adam(groups, lr=args.lr)
+
+
 def resume_or_init(model, opt, state, args):
     """Load the resume state (--resume) or starting weights (--init); returns (model, optimizer, state)."""
     resume_path = os.path.join(args.out, f"{args.name}_resume.pt")
     if args.resume and os.path.exists(resume_path):
         model, ckpt = load_checkpoint(resume_path, args.device)
-        opt = torch.optim.Adam(model.param_groups(), lr=args.lr)
+        opt = make_optimizer(model, args)
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = {k: ckpt.get(k, v) for k, v in state.items()}
@@ -324,7 +338,7 @@ def resume_or_init(model, opt, state, args):
                 print(f"not copied (shape differs): {', '.join(skipped)}")
             if ckpt["kind"] == model.cfg.kind:
                 model.build_tables()  # its own entropy model came along: only the tables are to rebuild
-        opt = torch.optim.Adam(model.param_groups(), lr=args.lr)
+        opt = make_optimizer(model, args)
         state["earlier_stages"] = lineage(ckpt, args.init)
         print(f"initialised from {args.init} (step {ckpt.get('step', '?')}), fresh optimizer")
     return model, opt, state
@@ -371,7 +385,7 @@ def setup(args):
     vgg = vgg_loss_fn(args, args.device)  # before loading photos: a missing VGG file fails fast
     train_set, val_set = make_data(args)
     model = make_model(args).to(args.device)
-    opt = torch.optim.Adam(model.param_groups(), lr=args.lr)
+    opt = make_optimizer(model, args)
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0, "best_val": math.inf,
              "earlier_stages": []}
     model, opt, state = resume_or_init(model, opt, state, args)

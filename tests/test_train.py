@@ -208,3 +208,15 @@ def test_crops_travel_as_bytes_and_arrive_as_unit_floats(photos):
     assert x.dtype == torch.float32 and torch.equal(x[0], crop.float() / 255.0) and 0 <= x.min() <= x.max() <= 1
     latents = torch.randn(1, 4, 2, 2)
     assert on_device(latents, "cpu") is latents  # the --entropy-only bank's float windows pass as they are
+
+
+def test_entropy_lr_scale_replaces_the_models_own():
+    """--entropy-lr-scale sets the entropy networks' multiple of --lr; without it the model's own stays."""
+    from argparse import Namespace
+
+    from conftest import TINY_CTX
+    from train import make_optimizer
+
+    model = build_model(TINY_CTX)
+    scales = lambda value: [g.get("lr_scale") for g in make_optimizer(model, Namespace(lr=1e-4, entropy_lr_scale=value)).param_groups]  # noqa: E731
+    assert scales(None) == [None, model.ENTROPY_LR_SCALE] and scales(1.0) == [None, 1.0]
