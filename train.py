@@ -20,7 +20,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from dataset import CropDataset, LatentBank, on_device, split_paths
 from imagefiles import list_images
-from model import CtxConfig, HyperConfig, RDConfig, SeedConfig, build_model
+from model import CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model
 from runtime import HelpFormatter, keep_freed_memory, resolve_device
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -59,9 +59,9 @@ def parse_args(argv=None):
                         "the frozen transforms, with the rate as the loss: g_a runs once per photo and g_s never, "
                         "so steps are many times cheaper (a first stage after --init from another kind)")
     p.add_argument("--entropy-lr-scale", type=float, default=None,
-                   help="ctx: learning rate of the entropy networks as a multiple of --lr (default: the model's 10, "
-                        "for networks that start from zero; 1 for a joint fine-tune of a trained ctx, whose first "
-                        "steps 10 would spoil)")
+                   help=f"ctx: learning rate of the entropy networks as a multiple of --lr (default: the model's "
+                        f"{CtxModel.ENTROPY_LR_SCALE:g}, for networks that start from zero; 1 for a joint fine-tune of a "
+                        f"trained ctx, whose first steps that would spoil)")
     add_model_args(p.add_argument_group("model"))
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (images are cached in RAM, 0 is usually fastest)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

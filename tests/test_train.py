@@ -218,5 +218,8 @@ def test_entropy_lr_scale_replaces_the_models_own():
     from train import make_optimizer
 
     model = build_model(TINY_CTX)
-    scales = lambda value: [g.get("lr_scale") for g in make_optimizer(model, Namespace(lr=1e-4, entropy_lr_scale=value)).param_groups]  # noqa: E731
+
+    def scales(value):
+        return [g.get("lr_scale") for g in make_optimizer(model, Namespace(lr=1e-4, entropy_lr_scale=value)).param_groups]
+
     assert scales(None) == [None, model.ENTROPY_LR_SCALE] and scales(1.0) == [None, 1.0]
