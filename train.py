@@ -86,6 +86,9 @@ def parse_args(argv=None):
 def add_model_args(g):
     """The flags of one model kind or another (the preset itself is --arch)."""
     g.add_argument("--rd-channels", default=None, help="rd / hyper model: override the preset's channels as N,M (hidden, latent) or, hyper, N,M,H (+ hyper channels)")
+    g.add_argument("--top-lambda", type=float, default=None,
+                   help="rd / hyper / ctx: λ of the highest quality (a higher ceiling); the ladder stays geometric from "
+                        "the preset's lowest λ, and --init re-interpolates the gains onto it (the new top extrapolated)")
     g.add_argument("--init-transforms", default="haar", choices=("haar", "random"),
                    help="rd model, fresh runs: start the transforms as a colour + Haar wavelet codec fitted to "
                         "training crops (fast convergence) or from PyTorch's random init")
@@ -103,6 +106,8 @@ def add_model_args(g):
 def make_model(args):
     """Fresh model for the chosen preset."""
     if args.arch in SEED_ARCHS:
+        if args.top_lambda:
+            sys.exit("error: --top-lambda: the seed model has no quality ladder (its rate is set by --bits)")
         model = build_model(SeedConfig(arch=args.arch, bits=args.bits))
         if args.pretrained:
             model.load_pretrained_trunk(args.pretrained)
@@ -120,12 +125,21 @@ def make_model(args):
         channels["slices"] = tuple(parts[:-1]) + (channels["M"] - sum(parts[:-1]),)
     try:
         cfg = cfg_cls(**channels)
+        if args.top_lambda:
+            cfg = cfg_cls(**channels, lambdas=geometric_ladder(cfg.lambdas[0], args.top_lambda, len(cfg.lambdas)))
         if args.quality:
             lam = float(build_model(cfg).lmbda(args.quality))
             cfg = cfg_cls(**channels, lambdas=(lam, lam))
         return build_model(cfg)
     except ValueError as e:
-        sys.exit(f"error: --rd-channels {args.rd_channels}: {e}")
+        sys.exit(f"error: --rd-channels {args.rd_channels} / --top-lambda {args.top_lambda}: {e}")
+
+
+def geometric_ladder(low, top, n):
+    """n λs from low to top, equal ratios between neighbours (the presets' shape)."""
+    if not top > low:
+        raise ValueError(f"the top λ must exceed the lowest, {low}")
+    return tuple(round(low * (top / low) ** (i / (n - 1)), 6) for i in range(n))
 
 
 def photos(n):

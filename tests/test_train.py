@@ -223,3 +223,27 @@ def test_entropy_lr_scale_replaces_the_models_own():
         return [g.get("lr_scale") for g in make_optimizer(model, Namespace(lr=1e-4, entropy_lr_scale=value)).param_groups]
 
     assert scales(None) == [None, model.ENTROPY_LR_SCALE] and scales(1.0) == [None, 1.0]
+
+
+def test_top_lambda_raises_the_ceiling_from_a_checkpoint(photos, tmp_path):
+    """--top-lambda with --init: the ladder keeps its lowest λ and reaches the new top; the qualities the old
+    ladder covered keep their gains (re-interpolated), the new top's are extrapolated beyond them."""
+    from train import geometric_ladder
+
+    source = build_model(HyperConfig(N=8, M=8, H=4))
+    source.build_tables()
+    src_path = str(tmp_path / "src.pt")
+    save_checkpoint(src_path, source, step=3)
+    r = train("--arch", "hyper", "--rd-channels", "8,8,4", "--train-dir", photos, "--out", str(tmp_path / "hp"),
+              "--max-steps", "1", "--lr", "1e-9", "--warmup", "0", "--init", src_path, "--top-lambda", "0.6", *TINY[2:])
+    assert r.returncode == 0, r.stderr
+    hp, _ = load_checkpoint(str(tmp_path / "hp" / "hyper.pt"))
+    low = source.cfg.lambdas[0]
+    assert hp.cfg.lambdas == geometric_ladder(low, 0.6, 8) and hp.cfg.lambdas[0] == low
+    old_top = source.cfg.lambdas[-1]
+    q = 1 + 7 * torch.log(torch.tensor(old_top / low)) / torch.log(torch.tensor(0.6 / low))
+    assert torch.allclose(hp.gains(float(q))[0], source.gains(8.0)[0], rtol=1e-3)
+    assert (hp.gains(8.0)[0] > source.gains(8.0)[0]).all()
+    r = train("--arch", "hyper", "--train-dir", photos, "--top-lambda", "0.0001", "--out", str(tmp_path / "x"),
+              "--max-steps", "1", *TINY)
+    assert r.returncode != 0 and "must exceed" in r.stderr
