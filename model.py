@@ -969,15 +969,13 @@ class CtxConfig(HyperConfig):
     slices: tuple = (16, 16, 32, 64, 64)  # uneven, small first: the first channels carry the most energy
     context: int = 96  # hidden channels of each slice's context network
     spatial: int = 0  # hidden channels of each slice's checkerboard network (0 = no spatial context)
-    spatial_kernel: int = 3  # side of the checkerboard network's window over the slice's decoded black latents
-    spatial_params: bool = False  # the checkerboard network also sees the slice's means and log-scales so far
     kind: str = "ctx"
 
 
 MEAN_BITS = 8  # fractional bits of the integer means, and so of the decoded latents ŷ = μ + symbol
 GAIN_BITS = 16  # fractional bits of the integer gains that scale the means and the context inputs
 LOG_BITS = 16  # fractional bits of the integer log-scales (the scale-index units)
-CONTEXT_ROWS = 64  # latent rows per strip of the integer context networks (a k × k layer needs k // 2 rows of halo)
+CONTEXT_ROWS = 64  # latent rows per strip of the integer context networks (their 3×3 layer needs 1 row of halo)
 VALUE_MAX = 1 << 40  # decoded latents are clamped here in fixed point, so every product fits in int64
 
 
@@ -998,20 +996,10 @@ def masked(t, where):
     return t if where is None else t[:, where]
 
 
-def context_net(cin, hidden, cout, kernel=3):
-    """One slice's context network: a kernel × kernel convolution over what is known of the slice, two 1×1."""
-    return nn.Sequential(nn.Conv2d(cin, hidden, kernel, padding=kernel // 2), nn.ReLU(), nn.Conv2d(hidden, hidden, 1),
-                         nn.ReLU(), nn.Conv2d(hidden, cout, 1))
-
-
-@torch.no_grad()
-def embed_conv(dst, src):
-    """A smaller convolution's weight into a larger one: its input channels first, its window centred, zeros around
-    (the larger layer computes what the smaller did as long as the added inputs and taps stay zero)."""
-    co, ci, kh, kw = src.shape
-    top, left = (dst.shape[2] - kh) // 2, (dst.shape[3] - kw) // 2
-    dst.zero_()
-    dst[:co, :ci, top : top + kh, left : left + kw] = src
+def context_net(cin, hidden, cout):
+    """One slice's context network: a 3×3 convolution over the hyperprior's outputs and the decoded slices, two 1×1."""
+    return nn.Sequential(nn.Conv2d(cin, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+                         nn.Conv2d(hidden, cout, 1))
 
 
 class CtxModel(HyperModel):
@@ -1040,9 +1028,8 @@ class CtxModel(HyperModel):
         self.context = nn.ModuleList(context_net(2 * (b - a) + a, cfg.context, 2 * (b - a)) for a, b in self.bounds[1:])
         # Checkerboard (He et al. 2021): the "white" latents of a slice are decoded after its "black" ones and
         # refined from them by a 3×3 network; black and white are each decoded in parallel.
-        inputs = 3 if cfg.spatial_params else 1  # decoded black latents (+ means, log-scales)
-        self.spatial = nn.ModuleList(context_net(inputs * (b - a), cfg.spatial, 2 * (b - a), cfg.spatial_kernel)
-                                     for a, b in self.bounds) if cfg.spatial else nn.ModuleList()
+        self.spatial = nn.ModuleList(context_net(b - a, cfg.spatial, 2 * (b - a)) for a, b in self.bounds) \
+            if cfg.spatial else nn.ModuleList()
         for net in [*self.context, *self.spatial]:  # start as the plain mean-scale hyperprior
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias)
@@ -1077,10 +1064,7 @@ class CtxModel(HyperModel):
                 mean, log_scale = mean + d[:, : b - a], log_scale + d[:, b - a :]
             if self.spatial:
                 mean_y = mean * g[:, a:b]
-                x = (rounding(y[:, a:b] - mean_y) + mean_y) * ig[:, a:b] * black
-                if self.cfg.spatial_params:
-                    x = torch.cat([x, mean, log_scale], 1)
-                d = self.spatial[k](x) * ~black
+                d = self.spatial[k]((rounding(y[:, a:b] - mean_y) + mean_y) * ig[:, a:b] * black) * ~black
                 mean, log_scale = mean + d[:, : b - a], log_scale + d[:, b - a :]
             mean = mean * g[:, a:b]
             decoded.append(rounding(y[:, a:b] - mean) + mean)
@@ -1165,9 +1149,8 @@ class CtxModel(HyperModel):
         """A context network as an integer network on its float64 integer input (C, h, w) at ACT_BITS, in strips
         of rows: (exact accumulator (C_out, h, w), its fractional bits)."""
         convs, rows, parts = convs_of(net), x.shape[1], []
-        halo = sum(conv.kernel_size[0] // 2 for conv in convs)
         for r0 in range(0, rows, CONTEXT_ROWS):
-            a, b = max(r0 - halo, 0), min(r0 + CONTEXT_ROWS + halo, rows)
+            a, b = max(r0 - 1, 0), min(r0 + CONTEXT_ROWS + 1, rows)
             acc, frac = int_net(convs, x[None, :, a:b], ACT_BITS)
             parts.append(acc[0, :, r0 - a : r0 - a + min(CONTEXT_ROWS, rows - r0)])
         return torch.cat(parts, 1), frac
@@ -1195,9 +1178,6 @@ class CtxModel(HyperModel):
             for half, where in enumerate((black, ~black) if self.spatial else (None,)):
                 if half:  # white squares: refined from the black ones
                     x = torch.where(black, unscaled(decoded, igain[a:b]), 0.0)
-                    if self.cfg.spatial_params:  # the float chain's mean and log_scale, at ACT_BITS
-                        x = torch.cat([x, mean, torch.div(log_scale, 1 << (LOG_BITS - ACT_BITS), rounding_mode="floor")
-                                       .double()]).clamp(-ACT_MAX, ACT_MAX)
                     mean, log_scale = self._refined(self.spatial[k], x, mean, log_scale)
                 mean_y = torch.div(mean.clamp(-ACT_MAX, ACT_MAX).to(torch.int64) * gain[a:b],
                                    1 << (ACT_BITS + GAIN_BITS - MEAN_BITS), rounding_mode="floor")
@@ -1302,8 +1282,7 @@ class CtxModel(HyperModel):
     @torch.no_grad()
     def adopt(self, source):
         """Copy what fits of another model; from a scale hyperprior (hyper), h_a's |u| half and h_s' log-scale
-        half too, the means starting at zero; from a ctx with a smaller checkerboard window or inputs, its
-        checkerboard networks embedded in the larger ones. Either way the new model starts coding as the old one."""
+        half too, the means starting at zero, so the new model starts coding exactly as the old one."""
         skipped = super().adopt(source)
         m = self.cfg.M
         first, last = source.h_a[0].weight, source.h_s[-1].weight
@@ -1316,10 +1295,6 @@ class CtxModel(HyperModel):
             self.h_s[-1].bias.zero_()
             self.h_s[-1].bias[m:] = source.h_s[-1].bias
             skipped = [k for k in skipped if k not in ("h_a.0.weight", "h_s.4.weight", "h_s.4.bias")]
-        for k, (old, new) in enumerate(zip(getattr(source, "spatial", ()), self.spatial)):
-            if f"spatial.{k}.0.weight" in skipped and all(a <= b for a, b in zip(old[0].weight.shape, new[0].weight.shape)):
-                embed_conv(new[0].weight, old[0].weight)  # a wider window or more inputs: starts as the old one
-                skipped.remove(f"spatial.{k}.0.weight")
         self.build_tables()
         return skipped
 

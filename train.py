@@ -25,8 +25,7 @@ from runtime import HelpFormatter, keep_freed_memory, resolve_device
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192),
-              "hyper": dict(N=80, M=192, H=64),
-              "ctx": dict(N=80, M=192, H=64, spatial=64, spatial_kernel=5, spatial_params=True)}
+              "hyper": dict(N=80, M=192, H=64), "ctx": dict(N=80, M=192, H=64, spatial=64)}
 CONFIGS = {"ctx": CtxConfig}  # the presets' config classes beside RDConfig / HyperConfig (those with H)
 
 

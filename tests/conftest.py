@@ -21,8 +21,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 TINY_RD = RDConfig(N=16, M=24)
 TINY_HYPER = HyperConfig(N=16, M=24, H=8)
 TINY_CTX = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16, spatial=8)  # with a checkerboard
-TINY_CTX_WIDE = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16, spatial=8, spatial_kernel=5,
-                          spatial_params=True)  # the checkerboard sees 5×5 and the means and scales so far
 TINY_CTX_PLAIN = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16)  # channel context only
 TINY_SEED = SeedConfig(arch="resnet18", latent_channels=32, decoder_channels=(32, 16, 16, 8, 8))
 
@@ -60,7 +58,6 @@ def tiny_fixture(config, name, doc):
 rd_ckpt = tiny_fixture(TINY_RD, "rd_tiny.pt", "A tiny untrained rd checkpoint with its integer tables built.")
 hyper_ckpt = tiny_fixture(TINY_HYPER, "hyper_tiny.pt", "A tiny untrained hyperprior checkpoint with its tables built.")
 ctx_ckpt = tiny_fixture(TINY_CTX, "ctx_tiny.pt", "A tiny untrained context-model checkpoint (3 slices, checkerboard).")
-ctx_wide_ckpt = tiny_fixture(TINY_CTX_WIDE, "ctx_wide_tiny.pt", "A tiny untrained context model with the wide checkerboard.")
 ctx_plain_ckpt = tiny_fixture(TINY_CTX_PLAIN, "ctx_plain_tiny.pt", "The same without the checkerboard.")
 
 

@@ -9,15 +9,14 @@ import torch
 import model as model_module
 from checkpoint import load_checkpoint
 from codec import compress, decompress, read_latents
-from conftest import TINY_CTX, TINY_CTX_WIDE, TINY_HYPER, photo_like
+from conftest import TINY_CTX, TINY_HYPER, photo_like
 from model import MEAN_BITS, CtxModel, build_model
 from quantize import GaussianConditional
 
 
-@pytest.fixture(scope="module", params=["ctx_ckpt", "ctx_plain_ckpt", "ctx_wide_ckpt"])
+@pytest.fixture(scope="module", params=["ctx_ckpt", "ctx_plain_ckpt"])
 def ctx(request):
-    """The tiny ctx model (random context networks), with and without the checkerboard (3×3 on the decoded
-    latents; 5×5 on them plus the means and scales), and its identity."""
+    """The tiny ctx model (random context networks), with and without the checkerboard, and its identity."""
     m, ckpt = load_checkpoint(request.getfixturevalue(request.param))
     return m, bytes.fromhex(ckpt["model_id"])
 
@@ -111,17 +110,6 @@ def test_started_from_hyper_it_codes_as_hyper(hyper_ckpt):
     assert abs(len(a) - len(b)) <= 0.01 * len(a) + 8 * len(ctx.bounds)  # + each part's sparse / escape headers
     pa, pb = decompress(hyper, b"hhhh", a)[0], decompress(ctx, b"cccc", b)[0]
     assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 1
-
-
-def test_a_wider_checkerboard_adopted_codes_as_before(ctx_ckpt):
-    """adopt() of a ctx with the 3×3 checkerboard into the 5×5 one that also sees the means and scales: its
-    weights embedded, the new taps and inputs at zero, so the integer chain and the files are the same."""
-    old, _ = load_checkpoint(ctx_ckpt)
-    wide = CtxModel(TINY_CTX_WIDE)
-    assert wide.adopt(old) == [] and wide.spatial[0][0].weight.shape[-1] == 5
-    wide.eval()
-    rgb = photo_like(96, 80, 3)
-    assert compress(old, b"same", rgb, quality=5.5) == compress(wide, b"same", rgb, quality=5.5)
 
 
 def test_training_pass_reaches_the_context_networks():
