@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -106,7 +106,7 @@ def add_model_args(g):
 def make_model(args):
     """Fresh model for the chosen preset."""
     if args.arch in SEED_ARCHS:
-        if args.top_lambda:
+        if args.top_lambda is not None:
             sys.exit("error: --top-lambda: the seed model has no quality ladder (its rate is set by --bits)")
         model = build_model(SeedConfig(arch=args.arch, bits=args.bits))
         if args.pretrained:
@@ -123,16 +123,20 @@ def make_model(args):
         # The preset's slices in proportion (1 : 1 : 2 : 4 : 4 of M), so --rd-channels works for ctx too.
         parts = [s * channels["M"] // RD_PRESETS["ctx"]["M"] for s in CtxConfig.slices]
         channels["slices"] = tuple(parts[:-1]) + (channels["M"] - sum(parts[:-1]),)
+    if args.top_lambda is not None:
+        preset = cfg_cls().lambdas
+        try:
+            channels["lambdas"] = geometric_ladder(preset[0], args.top_lambda, len(preset))
+        except ValueError as e:
+            sys.exit(f"error: --top-lambda {args.top_lambda}: {e}")
     try:
         cfg = cfg_cls(**channels)
-        if args.top_lambda:
-            cfg = cfg_cls(**channels, lambdas=geometric_ladder(cfg.lambdas[0], args.top_lambda, len(cfg.lambdas)))
         if args.quality:
             lam = float(build_model(cfg).lmbda(args.quality))
-            cfg = cfg_cls(**channels, lambdas=(lam, lam))
+            cfg = replace(cfg, lambdas=(lam, lam))
         return build_model(cfg)
     except ValueError as e:
-        sys.exit(f"error: --rd-channels {args.rd_channels} / --top-lambda {args.top_lambda}: {e}")
+        sys.exit(f"error: --rd-channels {args.rd_channels}: {e}")
 
 
 def geometric_ladder(low, top, n):
