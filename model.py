@@ -36,8 +36,17 @@ from quantize import (PRECISION, DecodeError, FactorizedPrior, GaussianCondition
 
 # CompressAI's λ for its qualities 1…8 (MSE): our quality knob uses the same numbering.
 LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
+
+
+def geometric_ladder(low, top, n=8):
+    """n λs from low to top with equal ratios between neighbours (5 decimals, as stored in configs)."""
+    if not top > low:
+        raise ValueError(f"the top λ must exceed the lowest, {low}")
+    return tuple(round(low * (top / low) ** (i / (n - 1)), 5) for i in range(n))
+
+
 # The hyperprior model's ladder starts lower (quality 1 lands under 0.1 bpp on Kodak) and steps ×2.33.
-HYPER_LAMBDAS = tuple(round(0.0004 * 375 ** (i / 7), 5) for i in range(8))
+HYPER_LAMBDAS = geometric_ladder(0.0004, 0.15)
 
 
 def distortion(x, x_hat):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from dataset import CropDataset, LatentBank, on_device, split_paths
 from imagefiles import list_images
-from model import CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model
+from model import CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model, geometric_ladder
 from runtime import HelpFormatter, keep_freed_memory, resolve_device
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -137,13 +137,6 @@ def make_model(args):
         return build_model(cfg)
     except ValueError as e:
         sys.exit(f"error: --rd-channels {args.rd_channels}: {e}")
-
-
-def geometric_ladder(low, top, n):
-    """n λs from low to top, equal ratios between neighbours (the presets' shape)."""
-    if not top > low:
-        raise ValueError(f"the top λ must exceed the lowest, {low}")
-    return tuple(round(low * (top / low) ** (i / (n - 1)), 6) for i in range(n))
 
 
 def photos(n):

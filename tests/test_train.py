@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import ROOT, photo_like
 from checkpoint import load_checkpoint, save_checkpoint
-from model import HyperConfig, build_model
+from model import HyperConfig, build_model, geometric_ladder
 
 TINY = ["--rd-channels", "8,8", "--crop", "32", "--batch-size", "2", "--warmup", "2", "--threads", "1"]
 
@@ -228,8 +228,6 @@ def test_entropy_lr_scale_replaces_the_models_own():
 def test_top_lambda_raises_the_ceiling_from_a_checkpoint(photos, tmp_path):
     """--top-lambda with --init: the ladder keeps its lowest λ and reaches the new top; the qualities the old
     ladder covered keep their gains (re-interpolated), the new top's are extrapolated beyond them."""
-    from train import geometric_ladder
-
     source = build_model(HyperConfig(N=8, M=8, H=4))
     source.build_tables()
     src_path = str(tmp_path / "src.pt")
