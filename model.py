@@ -145,6 +145,8 @@ class CodingModel(nn.Module):
 
     ENTROPY_MODULES = ()  # the entropy model's submodules: what train.py --entropy-only trains
 
+    INTEGER_NETWORKS = ()  # methods running the integer networks the coding calls (tools/coding_report.py clocks them)
+
     def param_groups(self):
         """The optimizer's parameter groups; a group's "lr_scale" multiplies the run's learning rate."""
         return [{"params": list(self.parameters())}]
@@ -797,6 +799,7 @@ class HyperModel(RDModel):
     """
 
     FIT_NOTE = ", hyperprior started as per-channel Gaussians"
+    INTEGER_NETWORKS = ("scale_index",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -1024,6 +1027,7 @@ class CtxModel(HyperModel):
     """
 
     FIT_NOTE = ", hyperprior started as per-channel zero-mean Gaussians"
+    INTEGER_NETWORKS = ("_hyper_fixed", "_int_context")
 
     def __init__(self, cfg):
         super().__init__(cfg)

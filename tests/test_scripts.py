@@ -154,7 +154,7 @@ def test_gpu_check_runs_on_any_device(hyper_ckpt, tmp_path):
     assert one_line_error(run("tools/gpu_check.py", "--weights", hyper_ckpt, "--device", "cuda:99"))
 
 
-@pytest.mark.parametrize("ckpt", ["rd_ckpt", "hyper_ckpt"])
+@pytest.mark.parametrize("ckpt", ["rd_ckpt", "hyper_ckpt", "ctx_ckpt"])
 def test_coding_report_measures_both_coders(ckpt, tmp_path, request):
     """coding_report.py codes every image at every quality with both coders (round trip asserted inside),
     prints the shares and thread check, and refuses a quality outside the model's range in one line."""

@@ -1,4 +1,4 @@
-"""Entropy-coding figures of an rd or hyper checkpoint: rate honesty, coder speed, its share of the time, determinism.
+"""Entropy-coding figures of an rd, hyper or ctx checkpoint: rate honesty, coder speed, its share of the time, determinism.
 
   python tools/coding_report.py --data DIR                 # weights/hyper.pt, qualities 1, 4, 8
   python tools/coding_report.py --weights W --data DIR --quality 6 --limit 8
@@ -8,8 +8,9 @@ Per image and quality it measures, with the file written and read like test.py d
   * entropy encode / decode seconds of both coders and their symbols per second;
   * the share of entropy coding in the model's encode (analysis + coding) and decode (coding + synthesis),
     in both together, and in the whole encode / decode as test.py runs it (reading the image, file I/O, PNG writing);
-    the hyper model's integer hyper-synthesis (scale indices), which the coding functions call, is
-    clocked inside each call and counted as transform; the mapping of latents to symbols and groups is coding;
+    the integer networks the coding functions call (the model's INTEGER_NETWORKS: hyper's hyper-synthesis,
+    ctx's hyper-synthesis and context networks) are clocked inside each call and counted as transform; the
+    mapping of latents to symbols and groups is coding;
   * decoded symbols and pixels with 1 vs 2 torch threads (symbols must be identical).
 Every time is the minimum of --repeat runs (arithmetic-compressor's: one run; it is ~100 % coding).
 """
@@ -38,7 +39,7 @@ from runtime import HelpFormatter, keep_freed_memory  # noqa: E402
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--weights", default=os.path.join(ROOT, "weights", "hyper.pt"), help="rd or hyper checkpoint")
+    p.add_argument("--weights", default=os.path.join(ROOT, "weights", "hyper.pt"), help="rd, hyper or ctx checkpoint")
     p.add_argument("--data", default=os.path.join(ROOT, "images"), help="folder of images (e.g. Kodak)")
     p.add_argument("--quality", type=float, nargs="+", default=[1, 4, 8], help="qualities to code at")
     p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
@@ -57,18 +58,21 @@ def timed(repeat, fn, *args):
 
 
 def coding_timed(model, repeat, fn, *args):
-    """(result, seconds of fn less the integer hyper-synthesis it runs, seconds of that synthesis),
-    from the fastest of `repeat` calls: the synthesis is clocked inside each call, not estimated apart."""
-    spent, inner = [], getattr(model, "scale_index", None)
+    """(result, seconds of fn less the integer networks it runs, seconds of those networks), from the fastest
+    of `repeat` calls: the networks are clocked inside each call, not estimated apart."""
+    spent = []
 
-    def clocked(*a, **k):
-        t = time.perf_counter()
-        out = inner(*a, **k)
-        spent.append(time.perf_counter() - t)
-        return out
+    def clocked(inner):
+        def run(*a, **k):
+            t = time.perf_counter()
+            out = inner(*a, **k)
+            spent.append(time.perf_counter() - t)
+            return out
+        return run
 
-    if inner is not None:
-        model.scale_index = clocked  # an instance attribute: shadows the method for this measurement only
+    names = model.INTEGER_NETWORKS
+    for name in names:  # instance attributes: they shadow the methods for this measurement only
+        setattr(model, name, clocked(getattr(model, name)))
     try:
         best = (math.inf, 0.0)
         for _ in range(repeat):
@@ -78,7 +82,8 @@ def coding_timed(model, repeat, fn, *args):
             total = time.perf_counter() - t
             best = min(best, (total - sum(spent), sum(spent)))
     finally:
-        model.__dict__.pop("scale_index", None)
+        for name in names:
+            model.__dict__.pop(name, None)
     return (out, *best)
 
 
@@ -98,19 +103,19 @@ def measure(model, mid, path, rgb, quality, repeat):
     """Figures of one image (its file and its pixels) at one quality (dict)."""
     latents, t_analysis = timed(repeat, latents_of, model, rgb, quality)
     shape = tuple(latents["y"].shape)
-    segments, t_map, t_hyper_enc = coding_timed(model, repeat, segments_of, model, latents, quality)
+    segments, t_map, t_nets_enc = coding_timed(model, repeat, segments_of, model, latents, quality)
     row = {"symbols": sum(len(s) for s, f in segments if len(f) > 1)}
     for coder in CODERS:
         runs = repeat if coder == "constriction" else 1
         payload, t_enc = timed(runs, entropy_encode, segments, coder)
-        decoded, t_dec, t_hyper_dec = coding_timed(model, runs, decoded_latents, model, payload, shape, quality, coder)
+        decoded, t_dec, t_nets_dec = coding_timed(model, runs, decoded_latents, model, payload, shape, quality, coder)
         assert decoded.keys() == latents.keys() and all(torch.equal(decoded[k], latents[k]) for k in latents)
         row[coder] = {"enc_s": t_enc + t_map, "dec_s": t_dec}
     _, t_synthesis = timed(repeat, image_of, model, latents, *rgb.shape[:2], quality)
     data, t_user_enc, t_user_dec = user_times(model, mid, path, quality, repeat)
     row.update(file_bits=8 * len(data), payload_bits=8 * (len(data) - HEADER_BYTES),
-               estimated_bits=model.estimated_bits(latents, quality), hyper_s=t_hyper_dec,
-               analysis_s=t_analysis + t_hyper_enc, synthesis_s=t_synthesis + t_hyper_dec,
+               estimated_bits=model.estimated_bits(latents, quality), nets_s=t_nets_dec,
+               analysis_s=t_analysis + t_nets_enc, synthesis_s=t_synthesis + t_nets_dec,
                user_enc_s=t_user_enc, user_dec_s=t_user_dec)
     row["threads"] = thread_difference(model, mid, data)
     return row
@@ -151,7 +156,7 @@ def report(rows, quality):
     file_ratio = [r["file_bits"] / r["estimated_bits"] for r in rows]
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     print(f"quality {quality}: {len(rows)} images, {med('file_bits') / 8:,.0f} bytes and {med('symbols'):,.0f} "
-          f"entropy-coder symbols per image, integer hyper-synthesis {1e3 * med('hyper_s'):.1f} ms (medians)")
+          f"entropy-coder symbols per image, integer networks {1e3 * med('nets_s'):.1f} ms (medians)")
     print(f"  payload bits / estimated bits: mean {np.mean(ratio):.4f} (min {min(ratio):.4f}, max {max(ratio):.4f}); "
           f"whole file / estimated: mean {np.mean(file_ratio):.4f}; header + CRC {HEADER_BYTES} bytes")
     for coder in CODERS:
@@ -180,7 +185,7 @@ def main(argv=None):
     args = parse_args(argv)
     keep_freed_memory()  # as test.py does
     model, ckpt = load_checkpoint(args.weights)
-    if ckpt["kind"] not in ("rd", "hyper"):
+    if ckpt["kind"] not in ("rd", "hyper", "ctx"):
         sys.exit(f"error: {args.weights} is a {ckpt['kind']} checkpoint; this report is about the learned models' entropy coding")
     paths = list_images(args.data)[: args.limit or None]
     if not paths:
