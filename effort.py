@@ -18,6 +18,9 @@ import torch
 
 # (full-search steps, side-search steps) per effort level; 0 is the one-pass encoder.
 LEVELS = ((0, 0), (0, 20), (0, 50), (0, 100), (8, 100), (16, 100), (32, 100), (48, 100), (64, 100), (80, 100))
+# Models without side latents (ctx, rd) spend efforts 2 and 3 on a short full search instead: 2 and 4 steps
+# (for ctx on 6 Kodak images −1.4 % and −2.5 %, docs/effort.md); effort 1, the default, stays one-pass for them.
+SHORT_FULL = {2: 2, 3: 4}
 DEFAULT = 1  # of test.py and the Python API: the most bits saved per extra second (docs/effort.md)
 FULL_LR, SIDE_LR = 0.02, 0.05  # Adam step sizes, in units of the quantisation step (measured best of 0.005 … 0.2)
 TAU_MAX, TAU_MIN = 0.5, 0.2  # SGA temperature, annealed exponentially over a search (0.2 beat 0.05 at the end)
@@ -25,11 +28,13 @@ MAX_PIXELS = 4 << 20  # the full search keeps the synthesis' activations and gra
 SEED = 0  # of the search's random rounding draws
 
 
-def steps_of(effort):
-    """(full, side) search steps of an effort level; ValueError outside 0 … 9."""
+def steps_of(effort, side_latents=True):
+    """(full, side) search steps of an effort level for a model with or without side latents; ValueError
+    outside 0 … 9."""
     if not (isinstance(effort, int) and 0 <= effort < len(LEVELS)):
         raise ValueError(f"effort {effort!r} is not one of 0 … {len(LEVELS) - 1}")
-    return LEVELS[effort]
+    full, side = LEVELS[effort]
+    return (full, side) if side_latents else (max(full, SHORT_FULL.get(effort, 0)), 0)
 
 
 def sga_round(v, tau, generator=None):
@@ -59,14 +64,14 @@ def refine(model, latents, start, rgb, quality, effort, progress=None):
     """Effort 0's latents dict of an image → latents the model codes at a lower cost (same keys, codable
     values as the model's `settled` makes them, on the CPU), searched from `start` (the model's
     relaxed_latents). `progress(done, total)` is called after each step."""
-    full, side = steps_of(effort)
-    side = side if model.SIDE_KEYS else 0
+    full, side = steps_of(effort, bool(model.SIDE_KEYS))
     if full + side == 0:
         return latents
     h, w = rgb.shape[:2]
     if full and h * w > MAX_PIXELS:
+        cheap = max(e for e in range(len(LEVELS)) if steps_of(e, bool(model.SIDE_KEYS))[0] == 0)
         raise ValueError(f"effort {effort} optimises the whole image at once: {w}×{h} is more than "
-                         f"{MAX_PIXELS / 2**20:.0f} M pixels (effort 3 or less searches only the side latents)")
+                         f"{MAX_PIXELS / 2**20:.0f} M pixels (efforts up to {cheap} do not, for this model)")
     device = next(model.parameters()).device
     on = lambda d: {k: v.to(device, torch.float32)[None] for k, v in d.items()}  # noqa: E731 (batched, on the device)
     tick = (lambda n: progress(n, full + side)) if progress else (lambda n: None)

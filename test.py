@@ -139,8 +139,8 @@ def compress_timed(model, mid, src, dst, args, passphrase=None, show=False):
 
 @contextlib.contextmanager
 def effort_bar(effort, show):
-    """A progress bar of the encoder search (efforts from 4 on, which take seconds), or no bar."""
-    if not show or effort < 4:
+    """A progress bar of the encoder search (efforts from 2 on, which can take seconds), or no bar."""
+    if not show or effort < 2:
         yield None
         return
     from tqdm import tqdm

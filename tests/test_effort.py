@@ -82,6 +82,16 @@ def test_progress_and_bad_levels(hyper, seed_ckpt):
         codec.compress(seed, bytes.fromhex(ckpt["model_id"]), photo_like(32, 32), effort=4)
 
 
+def test_levels_without_side_latents():
+    """A model without side latents spends efforts 2–3 on a short full search; effort 1 and the side-latent
+    levels are unchanged."""
+    assert [effort.steps_of(e) for e in range(len(effort.LEVELS))] == list(effort.LEVELS)
+    plain = [effort.steps_of(e, side_latents=False) for e in range(len(effort.LEVELS))]
+    assert plain[:4] == [(0, 0), (0, 0), (effort.SHORT_FULL[2], 0), (effort.SHORT_FULL[3], 0)]
+    assert all(full == effort.LEVELS[e][0] and side == 0 for e, (full, side) in enumerate(plain) if e >= 4)
+    assert 0 < plain[2][0] < plain[3][0] < plain[4][0]
+
+
 @pytest.fixture(scope="module")
 def ctx():
     """The shipped context model and its identity."""
@@ -100,11 +110,14 @@ def test_settled_start_is_effort_0(name, hyper, ctx, crop):
 
 
 def test_ctx_full_search(ctx, crop):
-    """ctx's full search (efforts 4–9) moves y and z around the exact integer means: a lower cost, and the
-    same decoder reads the file; efforts 1–3 (no side search: z moves the means) make effort 0's file."""
+    """ctx's full search moves y and z around the exact integer means: a lower cost, and the same decoder
+    reads the file; with no side search (z moves the means) effort 1 makes effort 0's file and efforts 2–3
+    run a short full search, never costlier than effort 0."""
     model, mid = ctx
     base = codec.compress(model, mid, crop, quality=5)
-    assert all(codec.compress(model, mid, crop, quality=5, effort=e) == base for e in (1, 3))
+    assert codec.compress(model, mid, crop, quality=5, effort=1) == base
+    assert all(cost(model, codec.compress(model, mid, crop, quality=5, effort=e), crop, 5) <= cost(model, base, crop, 5)
+               for e in (2, 3))
     searched = codec.compress(model, mid, crop, quality=5, effort=4)
     assert searched != base and cost(model, searched, crop, 5) < cost(model, base, crop, 5)
     assert np.array_equal(codec.decompress(model, mid, searched)[0], codec.decompress(model, mid, searched)[0])
