@@ -71,7 +71,7 @@ def refine(model, latents, start, rgb, quality, effort, progress=None):
     if full and h * w > MAX_PIXELS:
         cheap = max(e for e in range(len(LEVELS)) if steps_of(e, bool(model.SIDE_KEYS))[0] == 0)
         raise ValueError(f"effort {effort} optimises the whole image at once: {w}×{h} is more than "
-                         f"{MAX_PIXELS / 2**20:.0f} M pixels (efforts up to {cheap} do not, for this model)")
+                         f"{MAX_PIXELS / 2**20:.0f} M pixels (use effort {cheap} or less for this model)")
     device = next(model.parameters()).device
     on = lambda d: {k: v.to(device, torch.float32)[None] for k, v in d.items()}  # noqa: E731 (batched, on the device)
     tick = (lambda n: progress(n, full + side)) if progress else (lambda n: None)

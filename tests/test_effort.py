@@ -121,3 +121,13 @@ def test_ctx_full_search(ctx, crop):
     searched = codec.compress(model, mid, crop, quality=5, effort=4)
     assert searched != base and cost(model, searched, crop, 5) < cost(model, base, crop, 5)
     assert np.array_equal(codec.decompress(model, mid, searched)[0], codec.decompress(model, mid, searched)[0])
+
+
+@pytest.mark.parametrize("name, cheap", [("ctx_ckpt", 1), ("hyper_ckpt", 3)])
+def test_full_search_size_limit_names_the_effort_that_works(name, cheap, request):
+    """Above MAX_PIXELS the full search is refused with the highest effort that still codes the image."""
+    model, ckpt = load_checkpoint(request.getfixturevalue(name))
+    side = int(effort.MAX_PIXELS ** 0.5) + 16
+    big = np.zeros((side, side, 3), np.uint8)
+    with pytest.raises(ValueError, match=f"use effort {cheap} or less"):
+        codec.compress(model, bytes.fromhex(ckpt["model_id"]), big, quality=2, effort=cheap + 1)
