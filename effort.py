@@ -19,7 +19,7 @@ import torch
 # (full-search steps, side-search steps) per effort level; 0 is the one-pass encoder.
 LEVELS = ((0, 0), (0, 20), (0, 50), (0, 100), (8, 100), (16, 100), (32, 100), (48, 100), (64, 100), (80, 100))
 # Models without side latents (ctx, rd) spend efforts 2 and 3 on a short full search instead: 2 and 4 steps
-# (for ctx on 6 Kodak images −1.4 % and −2.5 %, docs/effort.md); effort 1, the default, stays one-pass for them.
+# (for ctx on 6 Kodak images −1.3 % and −2.3 %, docs/effort.md); effort 1, the default, stays one-pass for them.
 SHORT_FULL = {2: 2, 3: 4}
 DEFAULT = 1  # of test.py and the Python API: the most bits saved per extra second (docs/effort.md)
 FULL_LR, SIDE_LR = 0.02, 0.05  # Adam step sizes, in units of the quantisation step (measured best of 0.005 … 0.2)
