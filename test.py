@@ -145,11 +145,18 @@ def effort_bar(effort, show):
         return
     from tqdm import tqdm
 
-    with tqdm(desc=f"effort {effort}", unit="step", leave=False, file=sys.stderr) as bar:
-        def progress(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
+    bars = []
+
+    def progress(done, total):
+        if not bars:  # opened at the first step: a search refused before it (image too large) leaves no empty bar
+            bars.append(tqdm(desc=f"effort {effort}", total=total, unit="step", leave=False, file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
         yield progress
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def read_input(path):
