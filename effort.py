@@ -64,12 +64,13 @@ def refine(model, latents, start, rgb, quality, effort, progress=None):
     """Effort 0's latents dict of an image → latents the model codes at a lower cost (same keys, codable
     values as the model's `settled` makes them, on the CPU), searched from `start` (the model's
     relaxed_latents). `progress(done, total)` is called after each step."""
-    full, side = steps_of(effort, bool(model.SIDE_KEYS))
+    side_latents = bool(model.SIDE_KEYS)
+    full, side = steps_of(effort, side_latents)
     if full + side == 0:
         return latents
     h, w = rgb.shape[:2]
     if full and h * w > MAX_PIXELS:
-        cheap = max(e for e in range(len(LEVELS)) if steps_of(e, bool(model.SIDE_KEYS))[0] == 0)
+        cheap = max(e for e in range(len(LEVELS)) if steps_of(e, side_latents)[0] == 0)
         raise ValueError(f"effort {effort} optimises the whole image at once: {w}×{h} is more than "
                          f"{MAX_PIXELS / 2**20:.0f} M pixels (use effort {cheap} or less for this model)")
     device = next(model.parameters()).device

@@ -10,6 +10,7 @@ from PIL import Image, ImageOps
 
 from conftest import ROOT, photo_like
 
+import effort
 import metrics
 
 
@@ -94,7 +95,7 @@ def test_single_file_commands_and_bad_files(rd_ckpt, seed_ckpt, tmp_path):
 def test_search_refused_for_size_is_one_line(ctx_ckpt, tmp_path):
     """test.py compress at an effort whose full search cannot take the image: the one-line error naming the
     effort that works, and no empty progress bar before it (the bar opens at the search's first step)."""
-    side = int((4 << 20) ** 0.5) + 16  # just over effort.MAX_PIXELS
+    side = int(effort.MAX_PIXELS ** 0.5) + 16  # just over the full search's limit
     Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / "big.png")
     r = run("test.py", "compress", str(tmp_path / "big.png"), str(tmp_path / "big.qae"), "--weights", ctx_ckpt,
             "--quality", "2", "--effort", "2")
