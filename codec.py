@@ -149,8 +149,54 @@ def entropy_encode(segments, coder):
     raise ValueError(f"unknown entropy coder {coder!r} (choose from {', '.join(CODERS)})")
 
 
+@functools.lru_cache(maxsize=4096)
+def _least_bits(freqs_bytes):
+    """Fewest bits any symbol of a table can cost: −log2 of its largest probability."""
+    return PRECISION - float(np.log2(np.frombuffer(freqs_bytes, np.int64).max()))
+
+
+class _CountingDecoder(ac.Decoder):
+    """arithmetic-compressor's decoder, counting the zero bits it makes up once its input has run out and the
+    underflow steps since its last shift (the encoder drops those pending bits at its end)."""
+
+    overread = pending = 0
+
+    def read_code_bit(self):
+        """The next input bit, or a counted 0 past the end."""
+        if self.input:
+            return self.input.popleft()
+        self.overread += 1
+        return 0
+
+    def shift(self):
+        """As the library's, after which no underflow is pending."""
+        self.pending = 0
+        super().shift()
+
+    def underflow(self):
+        """As the library's, counted."""
+        self.pending += 1
+        super().underflow()
+
+    def used_up(self):
+        """Whether the stream ended as the encoder ends one: it writes one closing bit and drops its pending bits,
+        the bytes are zero-padded and this decoder reads 32 bits ahead, so a whole stream leaves the window at
+        the closing bit and over-reads 31 + pending − padding bits, padding 0 … 7. Data added or removed at the
+        front shows; a cut at the end mostly does not (the made-up zeros end it as the encoder would)."""
+        return not self.input and self.code == self.half_range and 24 <= self.overread - self.pending <= 31
+
+
+SLACK_BITS = 64  # a coder's state holds up to this many bits beyond what its symbols account for
+
+
 class SymbolDecoder:
-    """Reads, segment after segment, the symbols that entropy_encode wrote into one byte string."""
+    """Reads, segment after segment, the symbols that entropy_encode wrote into one byte string.
+
+    It never trusts the stream: a segment whose symbols could not fit in the bits left (each costs at least
+    −log2 of its table's largest probability) is refused before it is decoded, so decoding work is bounded by
+    the payload's size whatever the header declares; and finish() checks that the stream was used up exactly,
+    so a truncated, extended or spliced payload is an error, never a picture.
+    """
 
     def __init__(self, data, coder):
         self.coder = coder
@@ -161,24 +207,45 @@ class SymbolDecoder:
             ans = coder == "constriction"
             self.dec = constriction.stream.stack.AnsCoder(words) if ans else constriction.stream.queue.RangeDecoder(words)
         elif coder == "arithmetic-compressor":
-            self.dec = ac.Decoder(np.unpackbits(np.frombuffer(data, np.uint8)).tolist(), numbits=32)
+            self.dec = _CountingDecoder(np.unpackbits(np.frombuffer(data, np.uint8)).tolist(), numbits=32)
         else:
             raise ValueError(f"unknown entropy coder {coder!r} (choose from {', '.join(CODERS)})")
+        self.bits = 8 * len(data)  # what the payload can pay for (the range coder's own position is not exposed)
+        self.spent = 0.0  # the least the symbols decoded so far must have cost
 
     def take(self, freqs, n):
         """The next n symbols, coded with the integer frequencies freqs, as int32."""
         if len(freqs) < 2 or n == 0:
             return np.zeros(n, np.int32)  # a one-symbol alphabet costs nothing and is not coded
+        freqs = np.asarray(freqs, np.int64)
+        self.spent += n * _least_bits(freqs.tobytes())
+        if self.spent > self.bits + SLACK_BITS:
+            raise FormatError(f"payload corrupted (its {self.bits // 8} bytes cannot hold the "
+                              f"symbols the file declares)")
         if self.coder != "arithmetic-compressor":
             return self.dec.decode(_constriction_model(freqs), n).astype(np.int32, copy=False)
         table = _ac_table(freqs)
         return np.array([self.dec.decode_symbol(table) for _ in range(n)], np.int32)
 
+    def finish(self):
+        """Raise FormatError unless the stream was used up exactly (ANS: back to empty; arithmetic coder: at
+        most its look-ahead and the byte padding left unread)."""
+        if self.coder == "constriction":
+            done = self.dec.is_empty()
+        elif self.coder == "arithmetic-compressor":
+            done = self.dec.used_up()
+        else:
+            done = True  # the range coder (read-only versions 2–3) does not tell where its data ends
+        if not done:
+            raise FormatError("payload corrupted (data left over after the last symbol)")
+
 
 def entropy_decode(data, tables, counts, coder):
     """Inverse of entropy_encode: decode counts[i] symbols with tables[i]; list of int32 arrays."""
     dec = SymbolDecoder(data, coder)
-    return [dec.take(freqs, n) for freqs, n in zip(tables, counts)]
+    symbols = [dec.take(freqs, n) for freqs, n in zip(tables, counts)]
+    dec.finish()
+    return symbols
 
 
 # ----------------------------------------------------------------------------- image ↔ bytes
@@ -250,6 +317,7 @@ def encoder_of(coder):
     return lambda segments: entropy_encode(segments, coder)
 
 
+@torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
 def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="constriction", effort=0,
              progress=None):
     """Image (uint8 H×W×3, original mode, optional H×W alpha) → file bytes; quality as the model takes it.
@@ -271,6 +339,7 @@ def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="
     return pack(header, payload, packed_alpha)
 
 
+@torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
 def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
     """File bytes → (header, latents dict, quality); FormatError for any bad file or one declaring more than
     max_pixels.
@@ -289,8 +358,16 @@ def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
         quality = model.quality_of(header["param"])
     except ValueError as e:
         raise FormatError(f"file corrupted ({e})") from None
+    opened = []
+
+    def open_decoder(payload):
+        opened.append(SymbolDecoder(payload, header["coder"]))
+        return opened[-1]
+
     try:
-        latents = model.read_latents(payload, shape, quality, lambda data: SymbolDecoder(data, header["coder"]))
+        latents = model.read_latents(payload, shape, quality, open_decoder)
+        for dec in opened:
+            dec.finish()
     except FormatError:
         raise
     except DecodeError as e:
@@ -300,6 +377,7 @@ def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
     return header, latents, quality
 
 
+@torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
 def decompress(model, model_id, data, max_pixels=MAX_PIXELS):
     """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file or one declaring more
     than max_pixels."""

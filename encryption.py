@@ -28,7 +28,11 @@ CLEAR = struct.Struct(">3sBBBB16s12s")
 TAG_BYTES = 16
 OVERHEAD = CLEAR.size + TAG_BYTES
 DEFAULT_LOG2_N, DEFAULT_R, DEFAULT_P = 15, 8, 1  # 32 MiB of memory, ~0.1 s on this CPU
-MAX_LOG2_N, MAX_R, MAX_P = 20, 16, 4  # a file may not ask for more (1 GiB), or opening it is a DoS
+MAX_LOG2_N, MAX_R, MAX_P = 20, 16, 4
+# scrypt needs 128·r·N bytes and time in proportion to p·128·r·N: a file may ask for at most 8× the default's
+# (256 MiB, under a second), or opening it would be a denial of service (N = 2^20, r = 16, p = 4 took 21.5 s
+# and 2.8 GB on a 2-core x86-64 CPU).
+MAX_COST = 1 << 28
 ENV_VAR = "QAE_PASSPHRASE"
 
 
@@ -47,8 +51,9 @@ def derive_key(passphrase, salt, log2_n, r, p):
 
 
 def valid_parameters(log2_n, r, p):
-    """True for scrypt parameters within the limits, with N < 2^(16 r) (RFC 7914; OpenSSL refuses others)."""
-    return 1 <= log2_n <= MAX_LOG2_N and 1 <= r <= MAX_R and 1 <= p <= MAX_P and log2_n < 16 * r
+    """True for scrypt parameters within the limits (MAX_COST), with N < 2^(16 r) (RFC 7914; OpenSSL refuses others)."""
+    return (1 <= log2_n <= MAX_LOG2_N and 1 <= r <= MAX_R and 1 <= p <= MAX_P and log2_n < 16 * r
+            and p * 128 * r << log2_n <= MAX_COST)
 
 
 def encrypt(data, passphrase, log2_n=DEFAULT_LOG2_N, r=DEFAULT_R, p=DEFAULT_P):

@@ -122,7 +122,8 @@ def atomic_write(path, write):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(str(path)))
+    # A short name (not the output's own name plus a prefix): any name the folder allows for path fits.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1][:8])
     try:
         with os.fdopen(fd, "wb") as f:
             write(f) if callable(write) else f.write(write)

@@ -18,7 +18,7 @@ from PIL import Image
 import codec
 from effort import DEFAULT as DEFAULT_EFFORT
 from checkpoint import DEFAULT_WEIGHTS, WEIGHTS_DIR, find_checkpoint, load_checkpoint
-from encryption import decrypt, encrypt, is_encrypted
+from encryption import MAGIC as ENCRYPTED_MAGIC, DecryptionError, decrypt, encrypt, is_encrypted
 from imagefiles import image_arrays, read_image, to_pil
 
 FormatError = codec.FormatError  # every bad file raises this one type (a ValueError)
@@ -61,7 +61,7 @@ class Codec:
         return encrypt(data, passphrase) if passphrase else data
 
     def decompress(self, data, passphrase=None, max_pixels=codec.MAX_PIXELS):
-        """The bytes of a .qae file → a PIL image in the original size and mode; FormatError for a bad file or
+        """A .qae file (bytes, a path or a file object) → a PIL image in the original size and mode; FormatError for a bad file or
         one declaring more than max_pixels (decoding needs memory in proportion to the declared size)."""
         data = self._opened(data, passphrase)
         model, model_id = self._model_for(codec.unpack(data, max_pixels)[0]["model_id"])
@@ -69,12 +69,15 @@ class Codec:
 
     def _opened(self, data, passphrase):
         """The file's plain bytes: decrypted when it is encrypted (a passphrase is then needed)."""
-        data = bytes(data)
+        data = file_bytes(data)
         if not is_encrypted(data):
             return data
         if passphrase is None:
             raise FormatError("the file is encrypted: pass passphrase=")
-        return decrypt(data, passphrase)
+        try:
+            return decrypt(data, passphrase)
+        except DecryptionError as e:
+            raise FormatError(str(e)) from None
 
     def _model_for(self, model_id):
         """(model, identity) that made a file: this codec's, or one found in weights_dir (loaded once)."""
@@ -89,9 +92,26 @@ class Codec:
         return self._models[model_id], model_id
 
 
+def file_bytes(data):
+    """The bytes of a .qae file given as bytes, a path or a binary file object; a file that does not start like
+    one is refused before the rest of it is read."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as f:
+            return file_bytes(f)
+    if not hasattr(data, "read"):
+        raise TypeError(f"cannot read a .qae file from a {type(data).__name__}: give bytes, a path or a file object")
+    head = data.read(len(codec.MAGIC))
+    if head not in (codec.MAGIC, ENCRYPTED_MAGIC):
+        raise FormatError("not a QAE compressed file (wrong magic bytes)")
+    return head + data.read()
+
+
 def info(data):
-    """The header of a .qae file as a dict (model, size, mode, quality, coder, bytes, bpp, encrypted)."""
-    data = bytes(data)
+    """The header of a .qae file (bytes, a path or a file object) as a dict (model, size, mode, quality, coder,
+    bytes, bpp, encrypted)."""
+    data = file_bytes(data)
     if is_encrypted(data):
         return {"encrypted": True, "bytes": len(data)}
     header, payload, alpha = codec.unpack(data)

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import os
+import signal
 import sys
 import time
 
@@ -85,7 +86,35 @@ def parse_args(argv=None):
     i = sub.add_parser("info", formatter_class=HelpFormatter, help="print a .qae file's header without decoding",
                        description="Print a .qae file's header (model, size, mode, rate, coder, bytes, bpp).")
     i.add_argument("input", help="compressed file (.qae), or - for standard input")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    early = options_before(sys.argv[1:] if argv is None else argv, args.command, p)
+    if early:
+        # argparse would let the subcommand's own defaults silently replace them.
+        p.error(f"{', '.join(early)} must come after '{args.command}' (python test.py {args.command} [options] …)")
+    return args
+
+
+def options_before(argv, command, parser):
+    """The options written before the subcommand (none in folder mode)."""
+    if not command:
+        return []
+    takes_value = {s for a in parser._actions if a.option_strings and a.nargs != 0 for s in a.option_strings}
+    early, i = [], 0
+    while i < len(argv) and argv[i] != command:
+        option = argv[i].split("=")[0]
+        if option.startswith("-") and option != "-":
+            early.append(option)
+            i += option in takes_value and "=" not in argv[i]  # skip its value
+        i += 1
+    return early
+
+
+def same_file(a, b):
+    """Whether two command-line paths name the same existing file ("-" never does)."""
+    try:
+        return "-" not in (a, b) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def setup_device(args):
@@ -167,11 +196,21 @@ def read_input(path):
         return f.read()
 
 
+def read_qae(path):
+    """A compressed file's bytes ("-": standard input), refused from its first bytes when it is not one."""
+    from qae import file_bytes
+
+    if path == "-":
+        return file_bytes(sys.stdin.buffer)
+    with open(path, "rb") as f:
+        return file_bytes(f)
+
+
 def read_compressed(path, args, passphrase=None):
     """A compressed file's bytes, decrypted first when it is encrypted (asking for the passphrase if needed)."""
     from encryption import decrypt, is_encrypted, read_passphrase
 
-    data = read_input(path)
+    data = read_qae(path)
     if is_encrypted(data):
         data = decrypt(data, passphrase or read_passphrase(args.key_file))
     return data
@@ -311,6 +350,8 @@ def compress_command(args):
     """test.py compress: one image file (or standard input) → one .qae file (or standard output)."""
     from encryption import read_passphrase
 
+    if same_file(args.input, args.output):
+        raise ValueError(f"{args.output} is the input file: choose another output name")
     if args.output != "-" and not args.output.lower().endswith(".qae"):
         print(f"warning: {args.output} does not end in .qae", file=sys.stderr)
     model, mid, _ = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
@@ -328,6 +369,8 @@ def decompress_command(args):
     from codec import decompress_file
 
     check_output(args.output, args.allow_lossy)
+    if same_file(args.input, args.output):
+        raise ValueError(f"{args.output} is the input file: choose another output name")
     t = time.perf_counter()
     data = read_compressed(args.input, args)
     model, mid, _ = load_model(find_weights(data, args), args.device)
@@ -341,7 +384,7 @@ def info_command(args):
     """test.py info: a .qae file's header, one field a line."""
     import qae
 
-    for key, value in qae.info(read_input(args.input)).items():
+    for key, value in qae.info(read_qae(args.input)).items():
         print(f"{key:14s} {value:.4f}" if isinstance(value, float) else f"{key:14s} {value}")
     return 0
 
@@ -349,6 +392,8 @@ def info_command(args):
 def main(argv=None):
     """Dispatch to folder mode or a subcommand; every failure is one line on stderr and exit code 1."""
     args = parse_args(argv)
+    # SIGTERM (kill, a service stopping) unwinds like Ctrl-C, so no temporary file is left beside an output.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     commands = {"compress": compress_command, "decompress": decompress_command, "info": info_command}
     try:
         if args.command != "info":

@@ -79,3 +79,15 @@ def test_cli_encrypt_decrypt(rd_ckpt, tmp_path):
             env={**os.environ, "QAE_PASSPHRASE": "nope"})
     assert r.returncode == 1 and "wrong passphrase" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "c.png").exists()
+
+
+def test_costly_key_derivation_parameters_are_refused_before_deriving(small_file):
+    """A file asking scrypt for more than MAX_COST (N = 2^20, r = 16, p = 4: 2 GiB and seconds) is refused at once;
+    encrypt refuses to write one."""
+    enc = bytearray(encrypt(small_file[2], "k", **FAST))
+    enc[4:7] = bytes([20, 16, 4])
+    with pytest.raises(DecryptionError, match="out of range"):
+        decrypt(bytes(enc), "k")
+    with pytest.raises(ValueError, match="out of range"):
+        encrypt(small_file[2], "k", log2_n=18, r=16, p=1)
+    assert decrypt(encrypt(small_file[2], "k"), "k") == small_file[2]  # the defaults stay well inside

@@ -139,3 +139,67 @@ def test_wrong_checkpoint_kind_is_a_clear_error(tmp_path):
     bad.write_bytes(b"garbage" * 10)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(str(bad))
+
+
+def with_payload(data, payload):
+    """The file with another payload (its length field and CRC rewritten to match)."""
+    n_payload, n_alpha = struct.unpack_from(">II", data, 23)
+    head = bytearray(data[: codec.HEADER.size])
+    struct.pack_into(">I", head, 23, len(payload))
+    return refresh_crc(bytes(head) + payload + data[codec.HEADER.size + n_payload :])
+
+
+@pytest.mark.parametrize("coder", codec.CODERS)
+def test_damaged_payloads_are_refused(rd, coder):
+    """A payload extended or emptied, and with ANS (the default coder) one cut at either end — with a valid CRC — is
+    an error, not a picture."""
+    model, mid = rd
+    data = compress(model, mid, photo_like(64, 96, 3), quality=5, coder=coder)
+    n_payload = struct.unpack_from(">I", data, 23)[0]
+    payload = data[codec.HEADER.size : codec.HEADER.size + n_payload]
+    damages = [payload + b"\x5a\xc3\x0f\x96", b""]
+    if coder == "constriction":  # ANS ends exactly; the Python coder's stream has no end to check cuts against
+        damages += [payload[:-4], payload[4:]]
+    for damaged in damages:
+        with pytest.raises(FormatError, match="payload corrupted"):
+            decompress(model, mid, with_payload(data, damaged))
+    assert decompress(model, mid, with_payload(data, payload))[0].shape == (64, 96, 3)
+
+
+@pytest.mark.parametrize("coder", codec.CODERS)
+def test_a_tiny_file_declaring_a_huge_image_is_refused_at_once(rd, coder, monkeypatch):
+    """The decoding work is bounded by the payload: 8192² declared with an empty or 64-byte payload is refused
+    before its symbols are decoded (it used to decode 50 M symbols of nothing: minutes and GBs)."""
+    model, mid = rd
+    data = bytearray(compress(model, mid, photo_like(16, 16), quality=1, coder=coder))
+    struct.pack_into(">HH", data, 10, 8192, 8192)
+    struct.pack_into(">HHH", data, 17, *model.latent_shape(8192, 8192))
+    decoded = []
+    take = codec.SymbolDecoder.take
+    monkeypatch.setattr(codec.SymbolDecoder, "take", lambda self, freqs, n: decoded.append(n) or take(self, freqs, n))
+    for payload in (b"", bytes(64)):
+        with pytest.raises(FormatError, match="payload corrupted"):
+            decompress(model, mid, with_payload(bytes(data), payload))
+    # Symbols of tables near certainty cost ~1e-4 bits, so a few bytes may still pay for some; never for all.
+    assert sum(decoded) < np.prod(model.latent_shape(8192, 8192)) // 10
+
+
+def test_sigterm_while_writing_leaves_no_temporary_file(rd_ckpt, tmp_path):
+    """kill (SIGTERM) unwinds like Ctrl-C: the output is old or complete and no .tmp- file stays beside it; a long
+    output name (250 characters) is written too."""
+    model, ckpt = load_checkpoint(rd_ckpt)
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 256, (1500, 2000, 3), dtype=np.uint8)  # a slow PNG to write: the kill lands in it
+    src = tmp_path / "big.qae"
+    src.write_bytes(compress(model, bytes.fromhex(ckpt["model_id"]), noisy, quality=8))
+    out = tmp_path / ("o" * 246 + ".png")
+    cmd = [sys.executable, os.path.join(ROOT, "test.py"), "decompress", str(src), str(out), "--weights", rd_ckpt]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0 and out.exists()
+    for delay in (1.0, 2.0, 3.0):
+        out.unlink(missing_ok=True)
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+        assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".tmp-")] == []
+        assert not out.exists() or Image.open(out).size == (2000, 1500)

@@ -141,3 +141,55 @@ def test_help_answers_without_torch():
             "try:\n    t.parse_args()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)") % ROOT
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.stdout.strip().endswith("False"), r.stdout + r.stderr
+
+
+def test_api_reads_paths_and_file_objects_and_refuses_non_qae_quickly(tiny, tmp_path):
+    """decompress and info take bytes, a path or a file object; a stream that does not start like a .qae file is
+    refused from its first bytes (an endless one too); a wrong passphrase is a FormatError like any bad file."""
+    data = tiny.compress(photo_like(20, 28), quality=2)
+    path = tmp_path / "x.qae"
+    path.write_bytes(data)
+    assert tiny.decompress(str(path)).size == tiny.decompress(open(path, "rb")).size == (28, 20)
+    assert qae.info(path) == qae.info(data)
+
+    class Endless:
+        def read(self, n=-1):
+            assert n != -1, "read the whole endless stream"
+            return bytes(n)
+
+    with pytest.raises(qae.FormatError, match="wrong magic"):
+        qae.info(Endless())
+    with pytest.raises(qae.FormatError, match="wrong passphrase"):
+        tiny.decompress(tiny.compress(photo_like(8, 8), passphrase="right"), passphrase="wrong")
+
+
+def test_api_works_inside_inference_mode(tmp_path, ctx_ckpt):
+    """Users wrap inference in torch.inference_mode(): the codec sets its own autograd mode (ctx keeps tensor
+    versions, which inference tensors lack)."""
+    import torch
+
+    codec = qae.Codec(ctx_ckpt, weights_dir=os.path.dirname(ctx_ckpt))
+    rgb = photo_like(24, 40, 5)
+    plain = codec.compress(rgb, quality=4)
+    with torch.inference_mode():
+        inside = codec.compress(rgb, quality=4)
+        image = codec.decompress(inside)
+    assert inside == plain and np.array_equal(np.asarray(image), np.asarray(codec.decompress(plain)))
+
+
+def test_options_before_a_subcommand_and_writing_over_the_input_are_refused(tmp_path):
+    """`test.py --quality 2 compress …` used to code at quality 8 and `--encrypt compress` to write a plain file;
+    `compress a.png a.png` replaced the photo. Each is now a one-line error that writes nothing."""
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(24, 24, 6)).save(src)
+    for early in (["--quality", "2"], ["--quality=2"], ["--encrypt"], ["--weights", SHIPPED], ["--images", "x"]):
+        r = run(*early, "compress", str(src), str(tmp_path / "out.qae"))
+        assert r.returncode == 2 and b"must come after 'compress'" in r.stderr and not (tmp_path / "out.qae").exists()
+    before = src.read_bytes()
+    r = run("compress", str(src), str(src))
+    assert r.returncode == 1 and b"is the input file" in r.stderr and src.read_bytes() == before
+    assert run("compress", str(src), str(tmp_path / "a.qae"), "--quality", "2").returncode == 0
+    r = run("decompress", str(tmp_path / "a.qae"), str(tmp_path / "a.qae"))
+    assert r.returncode == 1 and qae.info(tmp_path / "a.qae")["quality"] == 2
+    r = run("info", "/dev/zero")
+    assert r.returncode == 1 and b"wrong magic" in r.stderr
