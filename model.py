@@ -386,6 +386,35 @@ def subpixel_conv(deconv):
     return nn.Sequential(conv, nn.PixelShuffle(2))
 
 
+@torch.no_grad()
+def widen(narrow, wide, prefix=""):
+    """Embed a transform into a wider copy of itself (Net2Net-style) so that the wide one computes the same map:
+    the narrow weights fill the leading channels, the weights from the new channels into the old ones are zero,
+    and the new channels keep their fresh initialisation (their outputs are not read yet, but they learn).
+    Returns the names of the parameters embedded."""
+    names = []
+    for i, (a, b) in enumerate(zip(narrow, wide)):
+        if isinstance(a, GDN):
+            pairs, inputs = [(a.gamma, b.gamma), (a.beta, b.beta)], 1
+        elif isinstance(a, (nn.Conv2d, nn.ConvTranspose2d)):
+            pairs, inputs = [(a.weight, b.weight), (a.bias, b.bias)], 0 if isinstance(a, nn.ConvTranspose2d) else 1
+        else:
+            continue
+        weight = pairs[0][1]
+        if any(s > t for s, t in zip(pairs[0][0].shape, weight.shape)) or pairs[0][0].shape[2:] != weight.shape[2:]:
+            raise ValueError(f"layer {i} of the source is not narrower than the target's ({tuple(pairs[0][0].shape)} "
+                             f"vs {tuple(weight.shape)})")
+        old_in = pairs[0][0].shape[inputs]
+        outputs = 1 - inputs
+        silence = [slice(None)] * 2
+        silence[inputs], silence[outputs] = slice(old_in, None), slice(0, pairs[0][0].shape[outputs])
+        weight[tuple(silence)] = 0  # the new channels do not reach the old ones
+        for src, dst in pairs:
+            dst[tuple(slice(0, n) for n in src.shape)] = src
+        names += [f"{prefix}{i}.{n}" for n in (("gamma", "beta") if isinstance(a, GDN) else ("weight", "bias"))]
+    return names
+
+
 class RDModel(CodingModel):
     """Ballé-style factorized-prior codec with one learned gain vector per quality (any rate)."""
 
@@ -431,8 +460,13 @@ class RDModel(CodingModel):
 
     def forward(self, x, quality, noise=None):
         """Training pass: noisy latents for the rate, rounded (straight-through) ones for the decoder."""
-        out = self.entropy_forward(self.g_a(x), quality, noise)
-        return {"x_hat": self.g_s(out.pop("y_hat") * self.gains(quality)[1].to(x.device)), **out}
+        u = self.g_a(x)
+        # Under mixed precision only the transforms run in bf16: a bf16 latent of 30 has a step of 0.125, too
+        # coarse for the quantization noise, the means and the likelihoods, so the entropy model runs in fp32.
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.entropy_forward(u.float(), quality, noise)
+        x_hat = self.g_s(out.pop("y_hat") * self.gains(quality)[1].to(x.device))
+        return {"x_hat": x_hat.float(), **out}
 
     def entropy_forward(self, u, quality, noise=None):
         """The entropy model's training pass on unscaled latents u: {"y_hat": rounded latents (straight through),
@@ -674,6 +708,9 @@ class RDModel(CodingModel):
         """Copy every same-named, same-shaped tensor of another model (e.g. rd → hyper); the gain vectors are
         re-interpolated in log λ when the quality ladders differ. Returns the names skipped."""
         skipped = copy_matching(source, self, skip=("log_gain", "log_igain"))
+        if source.cfg.N < self.cfg.N and source.cfg.M == self.cfg.M:
+            grown = widen(source.g_a, self.g_a, "g_a.") + widen(source.g_s, self.g_s, "g_s.")
+            skipped = [k for k in skipped if k not in grown]
         old = torch.log(torch.tensor(source.cfg.lambdas))
         new = torch.log(torch.tensor(self.cfg.lambdas))
         i = (torch.searchsorted(old, new) - 1).clamp(0, len(old) - 2)  # segment, extrapolated at the ends

@@ -47,3 +47,15 @@ def resolve_device(name):
     return device
 
 
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX) as oneDNN sees it.
+
+    Without it PyTorch emulates bf16 convolutions: a ctx training step (4 crops of 256², 2 threads) took
+    40.5 s in bf16 against 0.70 s in fp32 on a 2-core AMD EPYC with AVX2 only.
+    """
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check and torch.backends.mkldnn.is_available() and check())

@@ -21,7 +21,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from dataset import CropDataset, LatentBank, on_device, split_paths
 from imagefiles import list_images
 from model import CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model, geometric_ladder
-from runtime import HelpFormatter, keep_freed_memory, resolve_device
+from runtime import HelpFormatter, cpu_has_bf16, keep_freed_memory, resolve_device
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192),
@@ -78,14 +78,18 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)")
     p.add_argument("--layout", default="auto", choices=("auto", "channels_last", "nchw"),
                    help="memory layout to train in; auto = channels_last, except hyper on a CPU (NCHW: ~10 %% faster there)")
-    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision on CUDA")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
+                   help="mixed precision of the transforms (the entropy model and the weights stay fp32): bf16 on a "
+                        "CPU with AVX-512 BF16 or AMX, or on CUDA; fp16 on CUDA only")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p.parse_args(argv)
 
 
 def add_model_args(g):
     """The flags of one model kind or another (the preset itself is --arch)."""
-    g.add_argument("--rd-channels", default=None, help="rd / hyper model: override the preset's channels as N,M (hidden, latent) or, hyper, N,M,H (+ hyper channels)")
+    g.add_argument("--rd-channels", default=None, help="rd / hyper / ctx: override the preset's channels as N,M (hidden, latent) or, hyper and ctx, N,M,H "
+                        "(+ hyper channels); with --init from a narrower model of the same M, its transforms are "
+                        "embedded so the wider model starts as the same codec")
     g.add_argument("--top-lambda", type=float, default=None,
                    help="rd / hyper / ctx: λ of the highest quality (a higher ceiling); the ladder stays geometric from "
                         "the preset's lowest λ, and --init re-interpolates the gains onto it (the new top extrapolated)")
@@ -407,9 +411,7 @@ def setup(args):
     model = model.to(memory_format=layout).train()
     # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    cuda_amp = args.amp != "off" and args.device.startswith("cuda")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=cuda_amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda_amp and args.amp == "fp16")
+    amp, scaler = mixed_precision(args)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, f"{args.name}_log.csv")
     if rank == 0 and not os.path.exists(log_path):
@@ -418,6 +420,18 @@ def setup(args):
     run = Run(model, net, opt, scaler, amp, vgg, rank, world, log_path, layout,
               {"mode": "seed_noise"} if args.seed_noise else {})
     return run, state, train_set, val_set
+
+
+def mixed_precision(args):
+    """(autocast context, gradient scaler) for --amp; fp16 needs a scaler and CUDA, bf16 neither."""
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    if args.amp == "fp16" and device == "cpu":
+        sys.exit("error: --amp fp16 runs on CUDA only; on a CPU use --amp bf16")
+    if args.amp == "bf16" and device == "cpu" and not cpu_has_bf16():
+        sys.exit("error: --amp bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), so PyTorch would emulate it "
+                 "at a small fraction of fp32's speed; train in fp32 (--amp off)")
+    amp = torch.autocast(device, dtype=torch.float16 if args.amp == "fp16" else torch.bfloat16, enabled=args.amp != "off")
+    return amp, torch.amp.GradScaler(device, enabled=args.amp == "fp16")
 
 
 def start_model(model, state, args, train_set):

@@ -1,6 +1,7 @@
 """The context model (ctx): integer means and scales, their agreement with the float networks, and its start
 from a hyper checkpoint."""
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -122,3 +123,36 @@ def test_training_pass_reaches_the_context_networks():
     loss.backward()
     assert all(net[-1].weight.grad.abs().sum() > 0 for net in [*m.context, *m.spatial]) and len(m.spatial) == 3
     assert parts["bpp"] > 0
+
+
+def test_a_wider_model_adopts_a_narrower_one_and_codes_the_same(ctx_ckpt):
+    """adopt() of a ctx model with fewer transform channels (N) embeds its transforms: the wider model starts as the
+    same codec (same file, same picture), and the weights out of its new channels receive gradients."""
+    narrow, _ = load_checkpoint(ctx_ckpt)
+    wide = build_model(dataclasses.replace(narrow.cfg, N=narrow.cfg.N + 8))
+    assert wide.adopt(narrow) == []
+    wide.eval()
+    rgb = photo_like(64, 96, 8)
+    a, b = compress(narrow, b"nnnn", rgb, quality=5), compress(wide, b"nnnn", rgb, quality=5)
+    assert a == b and np.array_equal(decompress(narrow, b"nnnn", a)[0], decompress(wide, b"nnnn", b)[0])
+    wide.train()
+    x = torch.rand(2, 3, 64, 64)
+    quality, noise = wide.draw_randomness(torch.tensor([1, 2]), 64)
+    wide.loss(x, wide(x, quality, noise), quality)[0].backward()
+    new = slice(narrow.cfg.N, None)  # the silenced weights from the new channels learn first, the rest follows
+    assert wide.g_a[-1].weight.grad[:, new].abs().sum() > 0 and wide.g_s[-1].weight.grad[new].abs().sum() > 0
+
+
+def test_under_bf16_autocast_only_the_transforms_lose_precision():
+    """The training pass under CPU bf16 autocast: reconstruction and likelihoods come back fp32 and the loss stays
+    within 1 % of the fp32 one at the same weights and noise (the entropy model runs in fp32)."""
+    torch.manual_seed(0)
+    m = build_model(TINY_CTX)
+    x = torch.rand(2, 3, 64, 64)
+    quality, noise = m.draw_randomness(torch.tensor([3, 4]), 64)
+    with torch.no_grad():
+        ref = m.loss(x, m(x, quality, noise), quality)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x, quality, noise)
+        assert out["x_hat"].dtype == torch.float32 and all(lik.dtype == torch.float32 for lik in out["likelihoods"])
+        assert torch.allclose(m.loss(x, out, quality)[0], ref, rtol=0.01)

@@ -245,3 +245,22 @@ def test_top_lambda_raises_the_ceiling_from_a_checkpoint(photos, tmp_path):
     r = train("--arch", "hyper", "--train-dir", photos, "--top-lambda", "0.0001", "--out", str(tmp_path / "x"),
               "--max-steps", "1", *TINY)
     assert r.returncode != 0 and "must exceed" in r.stderr
+
+
+def test_amp_on_a_cpu_needs_native_bf16(monkeypatch):
+    """--amp bf16 on a CPU autocasts to bf16 where the CPU computes it natively, and is refused where PyTorch would
+    emulate it (a ctx step 58× slower on an AVX2-only CPU); fp16 is CUDA's only."""
+    from argparse import Namespace
+
+    import train
+
+    args = Namespace(amp="bf16", device="cpu")
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    amp, scaler = train.mixed_precision(args)
+    assert amp.device == "cpu" and amp.fast_dtype == torch.bfloat16 and amp._enabled and not scaler.is_enabled()
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    with pytest.raises(SystemExit, match="no native bf16"):
+        train.mixed_precision(args)
+    with pytest.raises(SystemExit, match="CUDA only"):
+        train.mixed_precision(Namespace(amp="fp16", device="cpu"))
+    assert not train.mixed_precision(Namespace(amp="off", device="cpu"))[0]._enabled
