@@ -30,25 +30,42 @@ def plugin(module):
         return None
 
 
-# name: (label, plugin module or None, encoder, qualities). Speed settings keep all of Kodak < 20 min.
+# name: (label, plugin module or None, encoder, qualities). The plain names are each codec at its PSNR-best
+# practical setting (measured with tools/anchor_settings.py, docs/results.md), the fair anchors of a PSNR
+# comparison; "-stock" names are the same encoders at their stock settings, what a user of a default gets.
+AVIF_Q = [10, 25, 40, 55, 70, 82, 92]
+HEIC_Q = [10, 30, 50, 65, 80, 90, 97]
+JXL_Q = [10, 30, 50, 70, 85, 93, 98]
+
+
+def _avif(speed, **opts):
+    """libavif (libaom) 4:4:4, 8-bit (Pillow writes no more), full range; `advanced` goes to the encoder."""
+    return _pillow("AVIF", quality="Q", speed=speed, subsampling="4:4:4", **opts)
+
+
+def _heic(**enc_params):
+    """libheif with x265 at 4:4:4, 8-bit; enc_params are x265's (pillow-heif changes the dict: a copy each call)."""
+    return lambda im, q: _pillow("HEIF", quality="Q", chroma=444, enc_params=dict(enc_params))(im, q)
+
+
+PSNR = {"tune": "psnr"}
 CLASSIC = {
     "jpeg420": ("JPEG 4:2:0 (libjpeg-turbo)", None, _pillow("JPEG", quality="Q", subsampling=2),
                 [5, 10, 20, 30, 50, 70, 85, 95]),
     "jpeg444": ("JPEG 4:4:4 (libjpeg-turbo)", None, _pillow("JPEG", quality="Q", subsampling=0),
                 [5, 10, 20, 30, 50, 70, 85, 95]),
     "webp": ("WebP (method 6)", None, _pillow("WEBP", quality="Q", method=6), [2, 10, 25, 50, 75, 90, 98]),
-    "avif": ("AVIF 4:4:4 (Pillow, speed 6)", None, _pillow("AVIF", quality="Q", speed=6, subsampling="4:4:4"),
-             [10, 25, 40, 55, 70, 82, 92]),
-    "avif4": ("AVIF 4:4:4 (Pillow, speed 4)", None, _pillow("AVIF", quality="Q", speed=4, subsampling="4:4:4"),
-              [10, 25, 40, 55, 70, 82, 92]),
-    "avif2": ("AVIF 4:4:4 (Pillow, speed 2)", None, _pillow("AVIF", quality="Q", speed=2, subsampling="4:4:4"),
-              [10, 25, 40, 55, 70, 82, 92]),
-    "avif8": ("AVIF 4:4:4 (Pillow, speed 8)", None, _pillow("AVIF", quality="Q", speed=8, subsampling="4:4:4"),
-              [10, 25, 40, 55, 70, 82, 92]),
-    "jxl": ("JPEG XL (effort 5)", "pillow_jxl", _pillow("JXL", quality="Q", effort=5), [10, 30, 50, 70, 85, 93, 98]),
-    "heic": ("HEIC 4:4:4 (x265, preset fast)", "pillow_heif",
-             lambda im, q: _pillow("HEIF", quality="Q", chroma=444, enc_params={"preset": "fast"})(im, q),
-             [10, 30, 50, 65, 80, 90, 97]),
+    "avif": ("AVIF 4:4:4 (libaom, speed 6, tune psnr)", None, _avif(6, advanced=PSNR), AVIF_Q),
+    "avif4": ("AVIF 4:4:4 (libaom, speed 4, tune psnr)", None, _avif(4, advanced=PSNR), AVIF_Q),
+    "avif2": ("AVIF 4:4:4 (libaom, speed 2, tune psnr)", None, _avif(2, advanced=PSNR), AVIF_Q),
+    "avif8": ("AVIF 4:4:4 (libaom, speed 8, tune psnr)", None, _avif(8, advanced=PSNR), AVIF_Q),
+    "avif-stock": ("AVIF 4:4:4 (libaom, speed 6, stock tune)", None, _avif(6), AVIF_Q),
+    "avif4-stock": ("AVIF 4:4:4 (libaom, speed 4, stock tune)", None, _avif(4), AVIF_Q),
+    "jxl": ("JPEG XL (libjxl, effort 9)", "pillow_jxl", _pillow("JXL", quality="Q", effort=9), JXL_Q),
+    "jxl-stock": ("JPEG XL (libjxl, effort 7, stock)", "pillow_jxl", _pillow("JXL", quality="Q"), JXL_Q),
+    "heic": ("HEIC 4:4:4 (x265, preset slow, tune psnr)", "pillow_heif", _heic(preset="slow", tune="psnr"), HEIC_Q),
+    "heic-stock": ("HEIC 4:4:4 (x265, stock: preset slow, tune ssim)", "pillow_heif", _heic(), HEIC_Q),
+    "heic-fast": ("HEIC 4:4:4 (x265, preset fast, tune psnr)", "pillow_heif", _heic(preset="fast", tune="psnr"), HEIC_Q),
     # irreversible=True: the lossy 9/7 wavelet (Pillow's default is the lossless 5/3 one, ~50 % worse here).
     "jpeg2000": ("JPEG 2000 (OpenJPEG, 9/7)", None,
                  lambda im, q: _pillow("JPEG2000", quality_mode="rates", quality_layers=[q], irreversible=True)(im, q),

@@ -24,9 +24,12 @@ from runtime import HelpFormatter
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PAGE = os.path.join(ROOT, "web", "demo.html")
-DEMO_CODECS = ("jpeg420", "webp", "avif", "avif4", "jxl", "heic")  # those installed are offered
-SETTINGS = {"jpeg420": (1, 100), "webp": (0, 100), "avif": (0, 100), "avif4": (0, 100), "jxl": (1, 100), "heic": (1, 100)}
-EXTENSIONS = {"jpeg420": "jpg", "webp": "webp", "avif": "avif", "avif4": "avif", "jxl": "jxl", "heic": "heic"}
+# Those installed are offered, each labelled with its settings: AVIF tuned for PSNR and at its stock (perceptual)
+# tune, what a user of a default encoder sees; JPEG XL and HEIC at settings quick enough for the page's bisection.
+DEMO_CODECS = ("jpeg420", "webp", "avif", "avif-stock", "jxl-stock", "heic-fast")
+SETTINGS = {"jpeg420": (1, 100), "webp": (0, 100), "avif": (0, 100), "avif-stock": (0, 100), "jxl-stock": (1, 100),
+            "heic-fast": (1, 100)}
+EXTENSIONS = {"jpeg420": "jpg", "webp": "webp", "avif": "avif", "avif-stock": "avif", "jxl-stock": "jxl", "heic-fast": "heic"}
 KEEP_IMAGES = 8  # uploads kept in memory (the oldest is forgotten first)
 WAIT_S = 120  # a request waits this long for the coder (one job at a time) before it is told the server is busy
 MAX_EFFORT = 3  # the page's efforts: side search only, bounded time on any image size
