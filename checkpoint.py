@@ -80,8 +80,8 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint of this project (no config / model)")
-    model = build_model(ckpt["config"])
-    if ckpt["kind"] == "rd" and "prior.starts" not in ckpt["model"]:  # one shared table (old layout): rebuild
+    model = checked_model(ckpt, path)
+    if ckpt["config"]["kind"] == "rd" and "prior.starts" not in ckpt["model"]:  # one shared table (old layout): rebuild
         ckpt["model"] = {k: v for k, v in ckpt["model"].items() if k.split(".")[-1] not in ("freqs", "offsets", "lengths")}
     # Entropy tables are empty buffers until built; size them to what the file holds.
     for name, buf in list(model.named_buffers()):
@@ -94,8 +94,31 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the config ({str(e).splitlines()[0]})") from None
-    ckpt.setdefault("model_id", model_id(ckpt["model"]).hex())
     return model.to(device).eval(), ckpt
+
+
+def checked_model(ckpt, path):
+    """The model a checkpoint describes, built only after its config proved to describe the file's own tensors
+    (so a tiny file cannot make the loader allocate a huge model) and its identity proved to be theirs (so a
+    planted file cannot answer for another model's files); ValueError naming what is wrong."""
+    config, state = ckpt["config"], ckpt["model"]
+    if not isinstance(config, dict) or not isinstance(state, dict) \
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{path}: not a checkpoint of this project (config / model of the wrong type)")
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            shapes = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items() if v.numel()}
+    except Exception as e:
+        raise ValueError(f"{path}: its config does not describe a model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'invalid values'})") from None
+    wrong = [k for k, shape in shapes.items() if k not in state or tuple(state[k].shape) != shape]
+    if wrong:
+        raise ValueError(f"{path}: weights do not fit the config ({len(wrong)} tensors missing or of another shape, "
+                         f"e.g. {wrong[0]})")
+    identity = model_id(state).hex()
+    if ckpt.setdefault("model_id", identity) != identity:
+        raise ValueError(f"{path}: its stated identity {ckpt['model_id']} is not that of its weights ({identity})")
+    return build_model(config)
 
 
 def find_checkpoint(model_id, folder=WEIGHTS_DIR):

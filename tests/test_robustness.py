@@ -203,3 +203,24 @@ def test_sigterm_while_writing_leaves_no_temporary_file(rd_ckpt, tmp_path):
         p.wait()
         assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".tmp-")] == []
         assert not out.exists() or Image.open(out).size == (2000, 1500)
+
+
+def test_malformed_checkpoints_are_one_line_errors_without_big_allocations(rd_ckpt, tmp_path):
+    """A config of the wrong type or size, weights that are not its own, a stated identity that is not the weights'
+    — each a ValueError before any model of the config's size is allocated (N = 200000 used to ask for 160 GB)."""
+    good = torch.load(rd_ckpt, weights_only=True)
+    bad = tmp_path / "bad.pt"
+    cases = {"no kind": ({**good, "config": {k: v for k, v in good["config"].items() if k != "kind"}}, "unknown model kind"),
+             "model a list": ({**good, "model": [1, 2]}, "wrong type"),
+             "N a string": ({**good, "config": {**good["config"], "N": "abc"}}, "does not describe a model"),
+             "N negative": ({**good, "config": {**good["config"], "N": -4}}, "does not describe a model"),
+             "N huge": ({**good, "config": {**good["config"], "N": 200000}}, "do not fit the config"),
+             "planted identity": ({**good, "model_id": "ad5274ea"}, "not that of its weights")}
+    for name, (ckpt, message) in cases.items():
+        torch.save(ckpt, bad)
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(str(bad))
+    torch.save({"kind": "ctx", "config": {"kind": "ctx", "N": 2500}, "model": {}}, bad)  # a 1 KB file
+    assert os.path.getsize(bad) < 2000
+    with pytest.raises(ValueError, match="do not fit the config"):
+        load_checkpoint(str(bad))
