@@ -90,7 +90,9 @@ def image_format(path):
     return fmt if fmt in Image.SAVE else None
 
 
-LOSSY_FORMATS = ("JPEG", "WEBP", "AVIF", "HEIF", "JXL", "JPEG2000")  # writing these loses detail a second time
+# Formats that keep every pixel of an 8-bit image at its size. The others lose detail a second time (JPEG,
+# WebP, …), reduce colours (GIF), cap the size (ICO: 256×256) or wrap a lossy codec (MPO, PDF: JPEG inside).
+LOSSLESS_FORMATS = ("PNG", "TIFF", "BMP", "PPM", "TGA", "QOI", "SGI", "DIB", "PCX")
 
 
 def save_image(f, im, fmt):

@@ -82,7 +82,8 @@ def parse_args(argv=None):
     d.add_argument("input", help="compressed file (.qae), or - for standard input")
     d.add_argument("output", help="image file to write (format from the extension), or - for PNG on standard output")
     d.add_argument("--allow-lossy", action="store_true",
-                   help="allow a lossy output format (JPEG, WebP, …), which loses detail a second time")
+                   help="allow an output format that does not keep every pixel: lossy (JPEG, WebP, …), palette (GIF) "
+                        "or size-capped (ICO)")
     i = sub.add_parser("info", formatter_class=HelpFormatter, help="print a .qae file's header without decoding",
                        description="Print a .qae file's header (model, size, mode, rate, coder, bytes, bpp).")
     i.add_argument("input", help="compressed file (.qae), or - for standard input")
@@ -241,6 +242,21 @@ def init_worker(weights, args, passphrase, threads=0):
     WORKER.update(model=model, mid=mid, ckpt=ckpt, args=args, passphrase=passphrase)
 
 
+def output_name(path, root):
+    """An input's output name: its path under the images folder without the extension (subfolders mirrored)."""
+    return os.path.splitext(os.path.relpath(path, root))[0]
+
+
+def check_distinct_outputs(paths, root):
+    """ValueError naming two inputs that would write the same outputs (a.png and a.jpg in one folder)."""
+    seen = {}
+    for path in paths:
+        other = seen.setdefault(os.path.normcase(output_name(path, root)), path)
+        if other != path:
+            raise ValueError(f"{other} and {path} would both be written as {output_name(path, root)}.qae / .png: "
+                             f"rename one, or move it to its own folder")
+
+
 def process_image(path):
     """Compress one image to the compressed folder and decompress it back: (row, notices) or (None, error)."""
     import metrics
@@ -248,7 +264,7 @@ def process_image(path):
     from imagefiles import read_image
 
     model, mid, args, passphrase = WORKER["model"], WORKER["mid"], WORKER["args"], WORKER["passphrase"]
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = output_name(path, args.images)
     qae = os.path.join(args.compressed_dir, stem + ".qae")
     png = os.path.join(args.decompressed_dir, stem + ".png")
     try:
@@ -299,6 +315,7 @@ def run_folder(args):
     paths = list_images(args.images) if os.path.isdir(args.images) else []
     if not paths:
         raise ValueError(f"no images in {args.images!r}")
+    check_distinct_outputs(paths, args.images)
     if args.shard:
         paths = shard(paths, args.shard)
         print(f"shard {args.shard}: {len(paths)} image(s)")
@@ -335,15 +352,16 @@ def run_folder(args):
 
 def check_output(path, allow_lossy):
     """A decompress output must be an image format Pillow writes, and lossless unless allowed."""
-    from imagefiles import LOSSY_FORMATS, image_format
+    from imagefiles import LOSSLESS_FORMATS, image_format
 
     if path == "-":
         return
     fmt = image_format(path)
     if fmt is None:
         raise ValueError(f"{path}: not an image file name (use .png, .tif, .bmp, … or - for PNG on standard output)")
-    if fmt in LOSSY_FORMATS and not allow_lossy:
-        raise ValueError(f"{path}: {fmt} would lose detail a second time; write PNG, or pass --allow-lossy")
+    if fmt not in LOSSLESS_FORMATS and not allow_lossy:
+        raise ValueError(f"{path}: {fmt} would not keep every pixel (lossy, fewer colours or a capped size); "
+                         f"write PNG, TIFF or BMP, or pass --allow-lossy")
 
 
 def compress_command(args):

@@ -193,3 +193,36 @@ def test_options_before_a_subcommand_and_writing_over_the_input_are_refused(tmp_
     assert r.returncode == 1 and qae.info(tmp_path / "a.qae")["quality"] == 2
     r = run("info", "/dev/zero")
     assert r.returncode == 1 and b"wrong magic" in r.stderr
+
+
+def test_folder_mode_keeps_every_output_distinct(rd_ckpt, tmp_path):
+    """Subfolders are mirrored, so sub/a.png and a.png each get their own files (with 2 workers, each decodes its
+    own); a.png beside a.jpg would share outputs and is refused before any work."""
+    images = tmp_path / "imgs"
+    for i, rel in enumerate(["a.png", "sub/a.png", "d1/x.png", "d2/x.png"]):
+        (images / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like(32, 32 + 8 * i, i)).save(images / rel)
+    out = [f"--compressed-dir={tmp_path / 'c'}", f"--decompressed-dir={tmp_path / 'd'}"]
+    r = run("--images", str(images), "--weights", rd_ckpt, "--workers", "2", "--quality", "8", *out)
+    assert r.returncode == 0, r.stderr
+    for rel in ("a", "sub/a", "d1/x", "d2/x"):
+        assert (tmp_path / "c" / f"{rel}.qae").exists() and (tmp_path / "d" / f"{rel}.png").exists()
+    widths = [Image.open(tmp_path / "d" / f"{rel}.png").size[0] for rel in ("a", "sub/a", "d1/x", "d2/x")]
+    assert widths == [32, 40, 48, 56]  # each output decodes its own input
+    Image.fromarray(photo_like(16, 16)).save(images / "a.jpg")
+    r = run("--images", str(images), "--weights", rd_ckpt, *out)
+    assert r.returncode == 1 and b"would both be written as a.qae" in r.stderr
+
+
+def test_outputs_that_do_not_keep_every_pixel_need_allow_lossy(rd_ckpt, tmp_path):
+    """GIF (palette), ICO (256×256 at most) and PDF (JPEG inside) are refused like JPEG; TIFF and BMP are not."""
+    src = tmp_path / "in.png"
+    Image.fromarray(photo_like(24, 24, 7)).save(src)
+    assert run("compress", str(src), str(tmp_path / "x.qae"), "--weights", rd_ckpt).returncode == 0
+    args = ["--weights", rd_ckpt]
+    for name in ("o.gif", "o.ico", "o.pdf", "o.jpg"):
+        r = run("decompress", str(tmp_path / "x.qae"), str(tmp_path / name), *args)
+        assert r.returncode == 1 and b"--allow-lossy" in r.stderr and not (tmp_path / name).exists()
+    for name in ("o.tif", "o.bmp"):
+        assert run("decompress", str(tmp_path / "x.qae"), str(tmp_path / name), *args).returncode == 0
+    assert run("decompress", str(tmp_path / "x.qae"), str(tmp_path / "o.gif"), "--allow-lossy", *args).returncode == 0
