@@ -14,6 +14,7 @@ JavaScript build step; each request runs in its own thread, so coding never stal
 import argparse
 import io
 import os
+import re
 import sys
 import threading
 import time
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--weights", default=None, help="our checkpoint (default: the shipped default model)")
     p.add_argument("--max-upload-mb", type=float, default=64, help="largest upload accepted, in MB")
+    p.add_argument("--max-pixels", type=float, default=40e6,
+                   help="largest image accepted, in pixels (checked from its header before it is decoded; "
+                        f"{KEEP_IMAGES} uploads are kept)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     return p.parse_args(argv)
 
@@ -131,13 +135,47 @@ def closest_setting(name, rgb, target_bytes):
     return best, tried[best]
 
 
+def number(value, lo, hi, whole=False):
+    """A JSON number within [lo, hi] (a whole one if asked), or None: true / false, strings and lists are not numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and value != int(value)):
+        return None
+    return (int(value) if whole else float(value)) if lo <= value <= hi else None
+
+
+def declared_pixels(data):
+    """Pixels an image file declares in its header (0 when Pillow cannot read one: read_image then says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(data) as im:
+            width, height = im.size
+    except Exception:
+        width = height = 0
+    data.seek(0)
+    return width * height
+
+
+def same_origin(request, allowed_hosts):
+    """Whether a request may act: its Host is one this server answers to (no DNS rebinding) and a browser's
+    Origin, when it sends one, is this server's own (no other web page driving it)."""
+    if allowed_hosts is not None and request.host.lower() not in allowed_hosts:
+        return False
+    origin = request.headers.get("Origin")
+    return origin is None or origin.lower() in (f"http://{request.host.lower()}", f"https://{request.host.lower()}")
+
+
+def download_name(name):
+    """A file name safe inside a Content-Disposition header: characters outside [A-Za-z0-9._-] become _."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200] or "image"
+
+
 class Demo:
     """What the page's requests do, on a loaded codec: each method returns (JSON-able dict, HTTP status)."""
 
-    def __init__(self, codec):
+    def __init__(self, codec, max_pixels=40e6):
         from classic import CLASSIC, available
 
-        self.codec, self.store, self.busy = codec, Store(), threading.BoundedSemaphore(1)
+        self.codec, self.store, self.busy, self.max_pixels = codec, Store(), threading.BoundedSemaphore(1), max_pixels
         self.codecs = [{"name": n, "label": CLASSIC[n][0], "range": SETTINGS[n]} for n in DEMO_CODECS if available(n)]
 
     def info(self):
@@ -153,12 +191,18 @@ class Demo:
             return {"error": "no file in the upload"}, 400
         data = io.BytesIO(file.read())
         data.name = file.filename or "upload"  # what read_image's messages call it
-        try:
+        pixels = declared_pixels(data)
+        if pixels > self.max_pixels:
+            return {"error": f"the image has {pixels:,} pixels, more than the {self.max_pixels:,.0f} this server "
+                             f"accepts"}, 413
+
+        def work():
+            """Decode (one job at a time, like coding: a large decode is as heavy), keep, describe."""
             rgb, _, _, notices = read_image(data)
-        except ValueError as e:
-            return {"error": str(e)}, 400
-        token = self.store.add({"rgb": rgb, "name": data.name, "files": {}})
-        return {"token": token, "width": rgb.shape[1], "height": rgb.shape[0], "name": data.name, "notices": notices}, 200
+            token = self.store.add({"rgb": rgb, "name": data.name, "files": {}})
+            return {"token": token, "width": rgb.shape[1], "height": rgb.shape[0], "name": data.name, "notices": notices}
+
+        return self.job(work)
 
     def job(self, work):
         """Run one coding job at a time (a 2-core CPU codes faster one after another); busy after WAIT_S."""
@@ -176,12 +220,11 @@ class Demo:
         item = self.store.get(str(body.get("token", "")))
         if item is None:
             return {"error": "unknown or expired image: upload it again"}, 404
-        try:
-            quality, effort = float(body.get("quality", 4)), int(body.get("effort", 1))
-        except (TypeError, ValueError):
-            return {"error": "quality and effort must be numbers"}, 400
-        if not 0 <= effort <= MAX_EFFORT:
-            return {"error": f"effort {effort} is not one of 0 … {MAX_EFFORT} on this page"}, 400
+        top = self.codec.model.num_qualities
+        quality, effort = number(body.get("quality", 4), 1, top), number(body.get("effort", 1), 0, MAX_EFFORT, whole=True)
+        if quality is None or effort is None:
+            return {"error": f"quality must be a number from 1 to {top} and effort a whole number from 0 to "
+                             f"{MAX_EFFORT} on this page"}, 400
 
         def work():
             """Code, decode, keep the files, score."""
@@ -199,15 +242,20 @@ class Demo:
         if name not in [c["name"] for c in self.codecs]:
             return {"error": f"codec {name!r} is not available here"}, 400
 
+        lo, hi = SETTINGS[name]
+        target = number(body["target_bytes"], 1, 1 << 40, whole=True) if "target_bytes" in body else None
+        setting = number(body.get("setting", (lo + hi) // 2), lo, hi, whole=True)
+        if ("target_bytes" in body and target is None) or setting is None:
+            return {"error": f"setting must be a whole number from {lo} to {hi}, target_bytes a positive whole number"}, 400
+
         def work():
             """Code (matched or at the setting), decode, keep the files, score."""
-            if body.get("target_bytes"):
-                setting, (data, decoded, t_enc, t_dec) = closest_setting(name, item["rgb"], int(body["target_bytes"]))
+            if target is not None:
+                setting_used, (data, decoded, t_enc, t_dec) = closest_setting(name, item["rgb"], target)
             else:
-                setting = int(body.get("setting", 50))
-                data, decoded, t_enc, t_dec = code_classic(name, item["rgb"], setting)
+                setting_used, (data, decoded, t_enc, t_dec) = setting, code_classic(name, item["rgb"], setting)
             item["files"].update({f"classic.{EXTENSIONS[name]}": data, "classic.png": png_bytes(decoded)})
-            return {**scores(item["rgb"], decoded, data, t_enc, t_dec), "setting": setting,
+            return {**scores(item["rgb"], decoded, data, t_enc, t_dec), "setting": setting_used,
                     "file": f"classic.{EXTENSIONS[name]}"}
 
         return self.job(work)
@@ -220,18 +268,31 @@ class Demo:
         return item["files"][name], f"{os.path.splitext(item['name'])[0]}.{name}"
 
 
-def create_app(codec, max_upload_mb=64):
-    """The Flask app around a loaded qae.Codec: the page, its JSON API and the files."""
+def create_app(codec, max_upload_mb=64, max_pixels=40e6, allowed_hosts=None):
+    """The Flask app around a loaded qae.Codec: the page, its JSON API and the files. allowed_hosts: the Host
+    headers it answers ("127.0.0.1:8000", …; None: any), also settable later as app.config["ALLOWED_HOSTS"]."""
     from flask import Flask, Response, jsonify, request
 
-    app, demo = Flask(__name__), Demo(codec)
+    app, demo = Flask(__name__), Demo(codec, max_pixels)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 2**20)
+    app.config["ALLOWED_HOSTS"] = allowed_hosts
     reply = lambda result: (jsonify(result[0]), result[1])  # noqa: E731
+
+    def body():
+        """The request's JSON object ({} when it has none; a list or a number is not an object)."""
+        value = request.get_json(silent=True)
+        return value if isinstance(value, dict) else {}
+
     app.add_url_rule("/api/codecs", "codecs", lambda: reply(demo.info()))
     app.add_url_rule("/api/image", "image", lambda: reply(demo.upload(request.files.get("file"))), methods=["POST"])
-    app.add_url_rule("/api/ours", "ours", lambda: reply(demo.ours(request.get_json(silent=True) or {})), methods=["POST"])
-    app.add_url_rule("/api/classic", "classic", lambda: reply(demo.classic(request.get_json(silent=True) or {})),
-                     methods=["POST"])
+    app.add_url_rule("/api/ours", "ours", lambda: reply(demo.ours(body())), methods=["POST"])
+    app.add_url_rule("/api/classic", "classic", lambda: reply(demo.classic(body())), methods=["POST"])
+
+    @app.before_request
+    def guard():
+        """Refuse other hosts' names and other origins' pages before anything runs."""
+        if not same_origin(request, app.config["ALLOWED_HOSTS"]):
+            return jsonify({"error": "this server answers only its own page"}), 403
 
     @app.get("/")
     def page():
@@ -246,7 +307,8 @@ def create_app(codec, max_upload_mb=64):
         if found is None:
             return jsonify({"error": "no such file (code the image first)"}), 404
         mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
-        return Response(found[0], mimetype=mimetype, headers={"Content-Disposition": f'inline; filename="{found[1]}"'})
+        return Response(found[0], mimetype=mimetype,
+                        headers={"Content-Disposition": f'inline; filename="{download_name(found[1])}"'})
 
     @app.errorhandler(413)
     def too_large(_):
@@ -254,6 +316,14 @@ def create_app(codec, max_upload_mb=64):
         return jsonify({"error": f"the file is larger than the {max_upload_mb:g} MB this server accepts"}), 413
 
     return app
+
+
+def served_hosts(host, port):
+    """The Host headers a server on host:port answers: on a loopback address only loopback names (a DNS name
+    rebound to 127.0.0.1 is refused); on a shared address (0.0.0.0, a LAN name) any."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
 
 
 def main(argv=None):
@@ -270,7 +340,9 @@ def main(argv=None):
         codec = qae.Codec(args.weights)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    server = make_server(args.host, args.port, create_app(codec, args.max_upload_mb), threaded=True)
+    app = create_app(codec, args.max_upload_mb, args.max_pixels)
+    server = make_server(args.host, args.port, app, threaded=True)
+    app.config["ALLOWED_HOSTS"] = served_hosts(args.host, server.server_port)  # the port is known now (0: any free)
     print(f"comparison page on http://{args.host}:{server.server_port}/  (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()

@@ -98,3 +98,33 @@ def test_page_in_a_real_browser(app, tmp_path):
     finally:
         driver.quit()
         server.shutdown()
+
+
+def test_the_page_refuses_other_origins_hosts_and_odd_requests(hyper_ckpt):
+    """Another web page's POST (its Origin), a rebound DNS name (its Host), a header bigger in pixels than allowed,
+    a JSON list, settings out of range or of the wrong type: each a 4xx with a message, never a 500; a file name
+    with a quote cannot break the download header."""
+    app = demo.create_app(qae.Codec(hyper_ckpt), max_upload_mb=1, max_pixels=10_000,
+                          allowed_hosts=demo.served_hosts("127.0.0.1", 8000))
+    client = app.test_client()
+    local = {"base_url": "http://127.0.0.1:8000"}
+    png = png_file(photo_like(40, 60))
+    r = client.post("/api/image", data={"file": (io.BytesIO(png), "x.png")}, headers={"Origin": "http://evil.example"}, **local)
+    assert r.status_code == 403
+    assert client.get("/api/codecs", base_url="http://rebound.example:8000").status_code == 403
+    big = io.BytesIO()
+    Image.new("1", (200, 200)).save(big, "PNG")  # 40,000 pixels in a few hundred bytes
+    r = client.post("/api/image", data={"file": (io.BytesIO(big.getvalue()), "b.png")}, **local)
+    assert r.status_code == 413 and "pixels" in r.get_json()["error"]
+    up = client.post("/api/image", data={"file": (io.BytesIO(png), 'a"b.png')},
+                     headers={"Origin": "http://127.0.0.1:8000"}, **local).get_json()
+    for path, body in [("/api/ours", [1, 2]), ("/api/ours", {"token": up["token"], "effort": True}),
+                       ("/api/ours", {"token": up["token"], "quality": "8"}),
+                       ("/api/classic", {"token": up["token"], "codec": "jpeg420", "setting": 100000}),
+                       ("/api/classic", {"token": up["token"], "codec": "jpeg420", "target_bytes": -5})]:
+        r = client.post(path, json=body, **local)
+        assert 400 <= r.status_code < 500 and "error" in r.get_json(), (body, r.status_code)
+    assert client.post("/api/ours", json={"token": up["token"], "quality": 3, "effort": 0}, **local).status_code == 200
+    r = client.get(f"/api/file/{up['token']}/ours.qae", **local)
+    assert r.status_code == 200 and r.headers["Content-Disposition"].startswith('inline; filename="a')
+    assert demo.download_name('a"b\r\n; x=1.png') == "a_b____x_1.png"  # the header's quoting cannot be broken
