@@ -20,7 +20,8 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from dataset import CropDataset, LatentBank, on_device, split_paths
 from imagefiles import list_images
-from model import CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model, geometric_ladder
+from model import CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model
+from models.base import geometric_ladder
 from runtime import HelpFormatter, cpu_has_bf16, keep_freed_memory, resolve_device
 
 SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")

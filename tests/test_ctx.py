@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import model as model_module
+import intnet
+import models.context as context_module
 from checkpoint import load_checkpoint
 from codec import compress, decompress, read_latents
 from conftest import TINY_CTX, TINY_HYPER, photo_like
-from model import MEAN_BITS, CtxModel, build_model
+from model import CtxConfig, CtxModel, build_model
+from models.context import MEAN_BITS
 from quantize import GaussianConditional
 
 
@@ -92,8 +94,8 @@ def test_context_in_strips_equals_the_whole(ctx, monkeypatch):
     m, _ = ctx
     u = torch.randn(TINY_CTX.M, 23, 9) * 3
     whole = m.latents(u, 4.0)
-    monkeypatch.setattr(model_module, "CONTEXT_ROWS", 5)
-    monkeypatch.setattr(model_module, "STRIP_ROWS", 2)
+    monkeypatch.setattr(context_module, "CONTEXT_ROWS", 5)
+    monkeypatch.setattr(intnet, "STRIP_ROWS", 2)
     strips = m.latents(u, 4.0)
     assert torch.equal(whole["y"], strips["y"]) and torch.equal(whole["z"], strips["z"])
 
@@ -103,7 +105,7 @@ def test_started_from_hyper_it_codes_as_hyper(hyper_ckpt):
     same picture (± 1 level) as the hyper model, give or take the fixed bytes of each slice."""
     hyper, ckpt = load_checkpoint(hyper_ckpt)
     torch.manual_seed(0)
-    ctx = CtxModel(model_module.CtxConfig(N=TINY_HYPER.N, M=TINY_HYPER.M, H=TINY_HYPER.H, slices=(8, 16), spatial=8))
+    ctx = CtxModel(CtxConfig(N=TINY_HYPER.N, M=TINY_HYPER.M, H=TINY_HYPER.H, slices=(8, 16), spatial=8))
     ctx.adopt(hyper)
     ctx.eval()
     rgb = photo_like(192, 256, 7)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import TINY_HYPER, TINY_RD, photo_like
-from model import build_model, subpixel_conv
+from model import build_model
+from models.layers import subpixel_conv
 from quantize import PRECISION, GaussianConditional, pmf_to_freqs, quantize_bbit, symbols_of, values_of
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import ROOT, photo_like
 from checkpoint import load_checkpoint, save_checkpoint
-from model import HyperConfig, build_model, geometric_ladder
+from model import HyperConfig, build_model
+from models.base import geometric_ladder
 
 TINY = ["--rd-channels", "8,8", "--crop", "32", "--batch-size", "2", "--warmup", "2", "--threads", "1"]
 

@@ -26,7 +26,7 @@ from PIL import Image  # noqa: E402
 
 import codec  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
-from model import MEAN_BITS  # noqa: E402
+from models.context import MEAN_BITS  # noqa: E402
 from runtime import HelpFormatter  # noqa: E402
 
 # (name, source crop of images/kodim23.png: top, left, height, width; mode)
