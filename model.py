@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quantize import PRECISION, DecodeError, pmf_to_freqs, quantize_bbit
-from models.base import CodingModel, copy_matching, distortion
+from models.base import CodingModel, distortion
 from models.context import CtxConfig, CtxModel
 from models.factorized import RDConfig, RDModel
 from models.hyperprior import HyperConfig, HyperModel
@@ -168,16 +168,6 @@ class SeedAutoEncoder(CodingModel):
         counts = np.bincount(latents["y"].numpy().ravel() - lo, minlength=len(freqs))
         return float(-(counts * np.log2(freqs / 2.0 ** PRECISION)).sum())
 
-    def relaxed_latents(self, u, quality=None):
-        """The seed's latents are its symbols: nothing to search."""
-        return self.latents(u, quality)
-
-    SIDE_KEYS = ()  # latents that change only the rate (effort.py searches them without the synthesis)
-
-    def rd_cost(self, latents, x, quality, size, rounding=None):
-        """The seed has no rate term to trade against distortion: no encoder search (effort 0 only)."""
-        raise ValueError("the seed model has no rate–distortion cost to search: it codes at effort 0 only")
-
     def has_tables(self):
         """Always: the seed's table is made per image and stored in the file."""
         return True
@@ -202,19 +192,6 @@ class SeedAutoEncoder(CodingModel):
         """Training objective (MSE) and its logged parts."""
         mse, parts = distortion(x, out["x_hat"])
         return mse.mean(), parts
-
-    def initialise(self, crops):
-        """Start of a fresh run: the trunk's initialisation is train.py's (--pretrained); nothing to fit."""
-        return None
-
-    def refit(self, crops):
-        """No entropy model to fit."""
-        return None
-
-    @torch.no_grad()
-    def adopt(self, source):
-        """Copy every same-named, same-shaped tensor of another checkpoint's model; returns the names skipped."""
-        return copy_matching(source, self)
 
     def load_pretrained_trunk(self, path):
         """Initialise the encoder trunk from a local torchvision ResNet state_dict file."""

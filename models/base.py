@@ -1,6 +1,8 @@
 """What every model shares: the quality ladder's λs, the distortion, and CodingModel, the base class whose
 methods are the coding and training interface that codec.py, effort.py and train.py use (each model file
 implements it; docs/architecture.md lists it)."""
+import abc
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,32 +39,123 @@ def copy_matching(source, model, skip=()):
     return [k for k, v in source.state_dict().items() if k in target and target[k].shape != v.shape and target[k].numel()]
 
 
-class CodingModel(nn.Module):
-    """Base of every model. The coding interface, all that codec.py and effort.py use (each model implements it;
-    this class gives the geometry and the training defaults):
-
-      stride, latent_shape(h, w)           geometry of the latents
-      rate_param(quality) / quality_of(p)  the user's rate setting checked and normalised ↔ the header's integer
-      analyse(x) → u                       one image tile → analysis output (codec.py tiles large images)
-      latents(u, quality) → dict           the whole image's analysis output → integer latents {"y", …}
-      synthesize(y, quality) → x           one tile of integer latents → image (unclamped)
-      write_latents(latents, quality, encode) / read_latents(payload, shape, quality, open_decoder)
-                                           latents ↔ payload bytes; the entropy coder is passed in
-      estimated_bits(latents, quality)     the rate the model's own entropy model assigns
-      ladder(qualities)                    the rates a benchmark measures the model at
-      relaxed_latents, rate_bits, rd_cost, settled, SIDE_KEYS
-                                           what effort.py's encoder search needs (the seed refuses one)
-
-    and for training: forward, evaluate, loss, draw_randomness, validation_qualities, initialise,
-    refit, adopt, build_tables / has_tables, and entropy_forward / freeze_transforms (train.py
-    --entropy-only).
-    """
+class CodingModel(nn.Module, metaclass=abc.ABCMeta):
+    """Base of every model: the coding interface that codec.py and effort.py use and the training interface that
+    train.py uses, nothing else (docs/architecture.md tables both; a test checks the table against this class).
+    Abstract methods are what each model must provide; the others have a default that fits most models."""
 
     SHIP_PRECISION = "fp32"  # how train.py stores the shippable checkpoint (checkpoint.pack_state)
 
     ENTROPY_MODULES = ()  # the entropy model's submodules: what train.py --entropy-only trains
 
     INTEGER_NETWORKS = ()  # methods running the integer networks the coding calls (tools/coding_report.py clocks them)
+
+    SIDE_KEYS = ()  # latents that change only the rate (effort.py searches them without the synthesis)
+
+    # -- coding interface
+    @property
+    def stride(self):
+        """Pixels per latent along each side."""
+        return self.cfg.stride
+
+    def latent_shape(self, height, width):
+        """Shape (C, h, w) of the latents of an image (padded up to a multiple of the stride)."""
+        return (self.cfg.latent_channels, -(-height // self.stride), -(-width // self.stride))
+
+    @abc.abstractmethod
+    def rate_param(self, quality=None):
+        """The user's rate setting checked and normalised into the header's integer; ValueError when impossible."""
+
+    @abc.abstractmethod
+    def quality_of(self, param):
+        """Inverse of rate_param, for a file's header; ValueError when impossible."""
+
+    @abc.abstractmethod
+    def analyse(self, x):
+        """One image tile (1, 3, H, W) in [0, 1] → analysis output (codec.py tiles large images with a halo)."""
+
+    @abc.abstractmethod
+    def latents(self, u, quality):
+        """The whole image's analysis output → the integer latents dict ("y", and whatever else the model codes)."""
+
+    @abc.abstractmethod
+    def synthesize(self, y, quality):
+        """One tile of integer latents (1, C, h, w) → image (unclamped)."""
+
+    @abc.abstractmethod
+    def write_latents(self, latents, quality, encode):
+        """Latents → payload bytes; encode(segments) is the entropy coder the codec hands over."""
+
+    @abc.abstractmethod
+    def read_latents(self, payload, shape, quality, open_decoder):
+        """Inverse of write_latents; open_decoder(bytes) returns an object with take(freqs, n)."""
+
+    @abc.abstractmethod
+    def estimated_bits(self, latents, quality):
+        """The rate the model's own entropy model assigns to latents (rate honesty)."""
+
+    @abc.abstractmethod
+    def ladder(self, qualities):
+        """The rates a benchmark measures the model at."""
+
+    @abc.abstractmethod
+    def has_tables(self):
+        """Whether the integer entropy tables the coder needs are built."""
+
+    @abc.abstractmethod
+    def build_tables(self):
+        """Build the integer entropy tables from the current weights (stored in the checkpoint)."""
+
+    # -- what effort.py's encoder search needs; a model without a rate–distortion cost refuses a search
+    def relaxed_latents(self, u, quality):
+        """The latents before rounding, where a search starts."""
+        return self.latents(u, quality)
+
+    def rate_bits(self, latents, quality):
+        """Differentiable bits of batched latents."""
+        raise ValueError(f"the {self.cfg.kind} model has no rate to search: it codes at effort 0 only")
+
+    def rd_cost(self, latents, x, quality, size, rounding=None):
+        """Bits per pixel + λ·255²·MSE of batched latents, with the search's relaxed rounding where the model rounds."""
+        raise ValueError(f"the {self.cfg.kind} model has no rate–distortion cost to search: it codes at effort 0 only")
+
+    def settled(self, latents, quality):
+        """A search's continuous latents → codable ones."""
+        raise ValueError(f"the {self.cfg.kind} model has no encoder search")
+
+    # -- training interface
+    @abc.abstractmethod
+    def forward(self, x, quality, noise=None):
+        """Training pass → {"x_hat", and "likelihoods" for models with a rate term}."""
+
+    @abc.abstractmethod
+    def evaluate(self, x, quality):
+        """Validation pass with the coder's rounding."""
+
+    @abc.abstractmethod
+    def loss(self, x, out, quality):
+        """The training objective of a batch and its logged parts."""
+
+    @abc.abstractmethod
+    def draw_randomness(self, seeds, crop):
+        """Per-sample (quality, noise) of a batch, keyed to each sample's seed (resumed and distributed runs agree)."""
+
+    @abc.abstractmethod
+    def validation_qualities(self):
+        """The qualities validation averages over."""
+
+    def initialise(self, crops):
+        """Start of a fresh run from training crops; what was done (None: nothing)."""
+        return None
+
+    def refit(self, crops):
+        """Fit the entropy model alone to training crops (a model started from another kind); what was done."""
+        return None
+
+    @torch.no_grad()
+    def adopt(self, source):
+        """Start from another model's weights: copy every same-named, same-shaped tensor; the names skipped."""
+        return copy_matching(source, self)
 
     def param_groups(self):
         """The optimizer's parameter groups; a group's "lr_scale" multiplies the run's learning rate."""
@@ -78,12 +171,3 @@ class CodingModel(nn.Module):
     def entropy_forward(self, u, quality, noise=None):
         """The entropy model's training pass on the analysis output u (models that have one)."""
         raise ValueError(f"the {self.cfg.kind} model has no learned entropy model to train alone")
-
-    @property
-    def stride(self):
-        """Pixels per latent along each side."""
-        return self.cfg.stride
-
-    def latent_shape(self, height, width):
-        """Shape (C, h, w) of the latents of an image (padded up to a multiple of the stride)."""
-        return (self.cfg.latent_channels, -(-height // self.stride), -(-width // self.stride))

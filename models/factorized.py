@@ -252,7 +252,6 @@ class RDModel(CodingModel):
         return self.likelihoods(latents["y"][None].to(self.log_gain.device), quality)
 
     # -- encoder search (effort.py)
-    SIDE_KEYS = ()  # latents that change only the rate, searched without the synthesis
 
     def rate_bits(self, latents, quality):
         """Bits of batched (rounded or relaxed) latents under the float entropy model; differentiable."""
