@@ -255,7 +255,8 @@ def head_to_head(ours, others):
             bd, note = bd_rate(other["results"], c["results"]) if c is not other else (None, "")
             cells.append("–" if c is other else "n/a" if bd is None else f"{bd:+.1f} %" + (" *" if note else ""))
         lines.append(f"| {other['description'] or other['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n* the two PSNR ranges overlap little: the figure covers that overlap only\n"
+    marked = any(line.endswith(" *") or " * |" in line for line in lines[2:])
+    return "\n".join(lines) + ("\n\n* the two PSNR ranges overlap little: the figure covers that overlap only\n" if marked else "\n")
 
 
 def load_curves(out):

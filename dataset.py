@@ -28,7 +28,8 @@ class CropDataset(Dataset):
 
     def full(self, i):
         """Photo i whole, as stored (long side ≤ max_side): float tensor (3, H, W) in [0, 1]."""
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1).float() / 255.0
+        # A copy: the stored arrays are read-only (Pillow's), and torch warns about wrapping one.
+        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1).float() / 255.0
 
     def _scaled(self, img, rng):
         """Random area downscale, never below the crop size; small images are upscaled to fit it."""

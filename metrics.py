@@ -148,7 +148,10 @@ def main(argv=None):
                         "and print the combined per-image table and means")
     args = p.parse_args(argv)
     if args.merge:
-        rows = merge(args.merge)
+        try:
+            rows = merge(args.merge)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
         keys = [k for k in ("bpp", "psnr", "ssim", "encode_s", "decode_s") if any(k in r for r in rows)]
         print(f"{'image':24s} " + " ".join(f"{k:>9s}" for k in keys))
         for r in rows + [{"image": f"mean ({len(rows)} images)", **mean_scores(rows)}]:

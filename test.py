@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--compressed-dir", default="compressed_folder", help="where NAME.qae files go")
     p.add_argument("--decompressed-dir", default="decompressed_folder", help="where NAME.png files go")
     p.add_argument("--workers", type=int, default=1, help="processes compressing in parallel (one torch thread each)")
-    p.add_argument("--shard", default=None, help="i/n: a deterministic share of the files (by name hash), so n "
+    p.add_argument("--shard", default=None, help="i/n, i from 0 to n − 1: a deterministic share of the files (by name hash), so n "
                                                  "machines can split one collection with no coordination")
     p.add_argument("--results", default=None, help="write per-image results to this .json or .csv "
                                                    "(merge shards with metrics.py --merge)")
@@ -320,6 +320,8 @@ def run_folder(args):
         paths = shard(paths, args.shard)
         print(f"shard {args.shard}: {len(paths)} image(s)")
         if not paths:
+            if args.results:  # an empty share still leaves its file, so merging every shard's file works
+                metrics.write_results(args.results, [])
             return 0
     weights = args.weights or DEFAULT_WEIGHTS
     model, mid, ckpt = load_model(weights, args.device)
@@ -416,7 +418,12 @@ def main(argv=None):
     try:
         if args.command != "info":
             setup_device(args)
-        return commands.get(args.command, run_folder)(args)
+        code = commands.get(args.command, run_folder)(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
+    except BrokenPipeError:  # `… | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except (ValueError, OSError) as e:  # FormatError and DecryptionError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 1

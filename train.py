@@ -1,7 +1,8 @@
 """Train the seed auto-encoder or the rate–distortion model; resumable, time-budgeted, CPU-friendly.
 
-  python train.py --arch rd --train-dir ../shared/data/train --max-minutes 60
-  python train.py --arch resnet101 --train-dir ../shared/data/train --max-minutes 30
+  python train.py --arch rd --train-dir data/train --max-minutes 60
+  python train.py --arch ctx --init weights/ctx.pt --rd-channels 128,192,64 --train-dir data/train --max-minutes 600
+  python train.py --arch resnet101 --train-dir data/train --max-minutes 30
   python train.py ... --resume            # continue exactly where the last checkpoint stopped
 """
 import argparse
@@ -532,7 +533,9 @@ def main(argv=None):
             for k, v in {"loss": result[0], **result[1], "n": 1}.items():
                 sums[k] = sums.get(k, 0) + v
                 window[k] = window.get(k, 0) + v
-            bar.set_postfix({k: f"{v:.4g}" for k, v in result[1].items() if k in ("psnr", "bpp")}, loss=f"{result[0]:.4f}")
+            left = f"{max(budget - state['elapsed'], 0) / 60:.0f} min" if budget else None
+            bar.set_postfix({k: f"{v:.4g}" for k, v in result[1].items() if k in ("psnr", "bpp")}, loss=f"{result[0]:.4f}",
+                            **({"budget left": left} if left else {}))
             if run.rank == 0 and state["step"] % args.log_every == 0:
                 write_log_line(run.log_path, state, lr, window, time.time() - t_log, args.batch_size)
                 window, t_log = {}, time.time()
@@ -592,8 +595,9 @@ def end_of_epoch(model, opt, state, args, val_set, vgg, sums):
         f.write(f"{args.name} epoch {state['epoch']} step {state['step']} train_loss {train_loss:.6f} "
                 f"val_loss {val['loss']:.6f} val_psnr {val['psnr']:.3f}"
                 + (f" val_bpp {val['bpp']:.4f}" if "bpp" in val else "") + "\n")
-    print(f"epoch {state['epoch']} step {state['step']}: train loss {train_loss:.5f}, val loss {val['loss']:.5f}, "
-          f"val PSNR {val['psnr']:.2f} dB" + (f", val bpp {val['bpp']:.3f}" if "bpp" in val else ""))
+    qualities = ", ".join("the seed's rate" if q is None else f"{q:g}" for q in model.validation_qualities())
+    print(f"epoch {state['epoch']} step {state['step']}: train loss {train_loss:.5f}; validation (mean over quality "
+          f"{qualities}): loss {val['loss']:.5f}, PSNR {val['psnr']:.2f} dB" + (f", bpp {val['bpp']:.3f}" if "bpp" in val else ""))
     if val["loss"] < state["best_val"]:  # the run keeps its best weights, whatever later epochs do
         state["best_val"] = val["loss"]
         save_shippable(os.path.join(args.out, f"{args.name}_best.pt"), model, state, args)

@@ -178,3 +178,30 @@ def test_coding_report_measures_both_coders(ckpt, tmp_path, request):
     assert r.stdout.count("symbols identical in 2/2 images") == 2
     assert r.stdout.count("arithmetic-compressor") == 2 and "share of the whole time" in r.stdout
     assert one_line_error(run("tools/coding_report.py", "--weights", weights, "--data", str(tmp_path), "--quality", "99"))
+
+
+def test_empty_shards_merge_and_a_missing_results_file_is_one_line(rd_ckpt, tmp_path):
+    """A shard with no images still writes its (empty) results file, so merging every shard works; a missing file
+    is a one-line error, not a traceback."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photo_like(24, 24)).save(folder / "only.png")
+    common = ["--weights", rd_ckpt, "--images", str(folder), "--compressed-dir", str(tmp_path / "c"),
+              "--decompressed-dir", str(tmp_path / "d")]
+    for i in range(3):
+        assert run("test.py", *common, "--shard", f"{i}/3", "--results", str(tmp_path / f"s{i}.csv")).returncode == 0
+    r = run("metrics.py", "--merge", *(str(tmp_path / f"s{i}.csv") for i in range(3)))
+    assert r.returncode == 0 and "mean (1 images)" in r.stdout, r.stderr
+    r = run("metrics.py", "--merge", str(tmp_path / "missing.csv"))
+    assert one_line_error(r) and "missing.csv" in r.stderr
+
+
+def test_head_to_head_notes_little_overlap_only_when_a_cell_is_marked():
+    import benchmark
+
+    curve = lambda name, bpp, psnr: {"name": name, "description": name, "results": {"bpp": bpp, "psnr-rgb": psnr}}  # noqa: E731
+    ours = curve("ours-a", [0.2, 0.5, 1.0, 2.0], [28.0, 31.0, 34.0, 37.0])
+    near = curve("near", [0.25, 0.6, 1.2, 2.4], [28.0, 31.0, 34.0, 37.0])
+    far = curve("far", [2.0, 3.0, 4.0, 5.0], [36.0, 38.0, 40.0, 42.0])
+    assert "overlap little" not in benchmark.head_to_head([ours], [ours, near])
+    assert "overlap little" in benchmark.head_to_head([ours], [ours, near, far])

@@ -226,3 +226,14 @@ def test_outputs_that_do_not_keep_every_pixel_need_allow_lossy(rd_ckpt, tmp_path
     for name in ("o.tif", "o.bmp"):
         assert run("decompress", str(tmp_path / "x.qae"), str(tmp_path / name), *args).returncode == 0
     assert run("decompress", str(tmp_path / "x.qae"), str(tmp_path / "o.gif"), "--allow-lossy", *args).returncode == 0
+
+
+def test_info_into_a_closed_pipe_is_quiet(tiny, tmp_path):
+    """`test.py info x.qae | head -1`: a reader that stops early gets no "Broken pipe" error from us."""
+    path = tmp_path / "x.qae"
+    path.write_bytes(tiny.compress(photo_like(16, 16)))
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "test.py"), "info", str(path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and err == b"", err
