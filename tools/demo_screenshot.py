@@ -1,7 +1,7 @@
 """Screenshot of the comparison page (demo.py) in headless Chromium, as the README shows it, and how long the
 page takes to show our side again after the quality slider moves.
 
-  python tools/demo_screenshot.py --image PHOTO --out images/demo.png
+  python tools/demo_screenshot.py --image PHOTO --out docs/demo.png
   python tools/demo_screenshot.py --image kodim23.png --measure 8    # + slider-to-picture times
 
 Needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver) and selenium.
@@ -80,7 +80,8 @@ def main(argv=None):
     """Start the page with the shipped model, upload a photo, wait for both sides, save the screenshot."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--image", required=True, help="photo to show")
-    p.add_argument("--out", default=os.path.join(ROOT, "images", "demo.png"), help="PNG to write")
+    p.add_argument("--out", default="demo_screenshot.png",
+                   help="PNG to write (the README's picture is docs/demo.png: name it to replace that)")
     p.add_argument("--quality", type=float, default=3, help="our quality on the slider")
     p.add_argument("--codec", default="avif", help="classic codec on the right")
     p.add_argument("--measure", type=int, default=0,
