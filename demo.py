@@ -21,7 +21,9 @@ import time
 import uuid
 from collections import OrderedDict
 
-from runtime import HelpFormatter
+from runtime import HelpFormatter, wait_passively
+
+wait_passively()  # before torch loads OpenMP
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PAGE = os.path.join(ROOT, "web", "demo.html")

@@ -2,6 +2,7 @@
 memory is kept (torch is imported only when a device is checked)."""
 import argparse
 import ctypes
+import os
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -12,6 +13,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default in (None, False) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def wait_passively():
+    """Let idle OpenMP threads sleep instead of spinning, unless the user chose a policy (OMP_WAIT_POLICY).
+
+    Must run before torch is imported. On a machine whose cores are busy with other work, spinning threads
+    wait on each other: measured on a 2-core x86-64 CPU with both cores busy, compressing a Kodak image
+    took 2.57 s of coding with the default policy against 1.11 s passive (1.24 s with one thread).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def keep_freed_memory():

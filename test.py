@@ -19,7 +19,9 @@ import sys
 import time
 
 from encryption import ENV_VAR
-from runtime import HelpFormatter
+from runtime import HelpFormatter, wait_passively
+
+wait_passively()  # before torch loads OpenMP
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # shipped weights and sample images are found from here
 WEIGHTS_DIR = os.path.join(ROOT, "weights")
