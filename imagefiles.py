@@ -56,7 +56,14 @@ def read_image(path):
     except (SyntaxError, TypeError, ValueError, KeyError, IndexError, struct.error, EOFError, ZeroDivisionError) as e:
         # What Pillow's readers raise on malformed files besides OSError (found by tools/fuzz.py images).
         raise ValueError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
-    return (*image_arrays(im), notices)
+    rgb, mode, alpha = image_arrays(im)
+    if im.mode not in MODES:  # what the decoded file will not give back as it was
+        notices.append(f"{name}: a {MODE_NAMES.get(im.mode, im.mode)} image is coded and decoded as {mode}")
+    return rgb, mode, alpha, notices
+
+
+MODE_NAMES = {"1": "1-bit", "P": "palette", "PA": "palette + alpha", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "Lab",
+              "HSV": "HSV", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer", "F": "float"}
 
 
 def image_arrays(im):
@@ -125,7 +132,10 @@ def atomic_write(path, write):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # A short name (not the output's own name plus a prefix): any name the folder allows for path fits.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1][:8])
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(str(path))[1][:8])
+    except OSError as e:  # name the output asked for, not the temporary file beside it
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f) if callable(write) else f.write(write)

@@ -249,3 +249,18 @@ def test_the_command_line_lets_idle_threads_sleep_unless_told_otherwise():
     out = subprocess.run([sys.executable, "-c", code, ROOT], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ACTIVE", out.stderr
+
+
+def test_modes_that_do_not_come_back_are_announced_and_unwritable_outputs_named(tiny, tmp_path):
+    """Palette, CMYK and 16-bit inputs decode as RGB / L: test.py says so. A read-only output folder's error names
+    the output asked for, not a temporary file (Linux's /proc stands in for a read-only folder)."""
+    rgb = photo_like(20, 24, 9)
+    paths = {"p.png": Image.fromarray(rgb).convert("P"), "c.jpg": Image.fromarray(rgb).convert("CMYK"),
+             "g16.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)}
+    for name, im in paths.items():
+        im.save(tmp_path / name)
+        r = run("compress", str(tmp_path / name), str(tmp_path / f"{name}.qae"), "--weights", SHIPPED)
+        assert r.returncode == 0 and b"is coded and decoded as" in r.stderr, (name, r.stderr)
+    unwritable = "/proc/out.qae"  # a folder no one may create files in, root included
+    r = run("compress", str(tmp_path / "p.png"), unwritable, "--weights", SHIPPED)
+    assert r.returncode == 1 and b"cannot write /proc/out.qae" in r.stderr and b".tmp-" not in r.stderr, r.stderr
