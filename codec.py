@@ -36,7 +36,6 @@ Reading never trusts the file: every size is checked against the data and agains
 anything is allocated, and any inconsistency raises FormatError with a one-line reason.
 """
 import functools
-import struct
 import zlib
 
 import constriction
@@ -46,64 +45,12 @@ import torch.nn.functional as F
 from arithmetic_compressor import arithmetic_coding as ac
 from arithmetic_compressor.util import Range
 
-from imagefiles import MODES, read_image, write_image, write_output
+from imagefiles import read_image, write_image, write_output
 from effort import refine, steps_of
 from quantize import PRECISION, DecodeError
-
-MAGIC = b"QAE"
-VERSION = 4  # 3: hyper payloads code their smallest-scale latents sparsely; 4: ANS instead of the range coder
-READS = (2, 3, 4)
-HEADER = struct.Struct(">3sBBB4sHHBHHHHII")
-KINDS = ("seed", "rd", "hyper", "ctx")
-CODERS = ("constriction", "arithmetic-compressor")
-RANGE_CODER = "constriction-range"  # what "constriction" meant before version 4: read, no longer written
-MAX_PIXELS = 1 << 28  # 268 M pixels: larger declared sizes are rejected before allocating
-HEADER_BYTES = HEADER.size + 4
-
-
-class FormatError(ValueError):
-    """A compressed file is truncated, corrupted, foreign, or made by another model."""
-
-
-# ----------------------------------------------------------------------------- file format
-def pack(header, payload, alpha=b""):
-    """Serialise header dict + payload (+ alpha) into the file bytes, CRC-32 last."""
-    body = HEADER.pack(MAGIC, VERSION, KINDS.index(header["kind"]), CODERS.index(header["coder"]),
-                       header["model_id"], header["height"], header["width"], MODES.index(header["mode"]),
-                       header["param"], *header["latent_shape"], len(payload), len(alpha)) + payload + alpha
-    return body + struct.pack(">I", zlib.crc32(body))
-
-
-def unpack(data, max_pixels=MAX_PIXELS):
-    """Parse and check file bytes; returns (header dict, payload, alpha) or raises FormatError (also for a
-    declared size above max_pixels: decoding needs memory in proportion to it)."""
-    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
-        raise FormatError("not a QAE compressed file (wrong magic bytes)")
-    if len(data) < HEADER_BYTES:
-        raise FormatError(f"file truncated: {len(data)} bytes is shorter than the {HEADER_BYTES}-byte header")
-    fields = HEADER.unpack_from(data)
-    _, version, kind, coder, mid, h, w, mode, param, c, lh, lw, n_payload, n_alpha = fields
-    if version not in READS or (version < 3 and kind == KINDS.index("hyper")):
-        raise FormatError(f"format version {version} is not supported for this kind of file "
-                          f"(this build writes version {VERSION})")
-    if HEADER.size + n_payload + n_alpha + 4 != len(data):
-        raise FormatError(f"file truncated or padded: header declares {HEADER.size + n_payload + n_alpha + 4} "
-                          f"bytes, file has {len(data)}")
-    if zlib.crc32(data[:-4]) != struct.unpack(">I", data[-4:])[0]:
-        raise FormatError("file corrupted (CRC-32 mismatch)")
-    if kind >= len(KINDS) or coder >= len(CODERS) or mode >= len(MODES):
-        raise FormatError("file corrupted (unknown model kind, coder or mode)")
-    if h == 0 or w == 0 or c == 0 or lh == 0 or lw == 0:
-        raise FormatError(f"file declares an impossible size ({w}×{h}, latent {c}×{lh}×{lw})")
-    if h * w > max_pixels:
-        raise FormatError(f"file declares {w}×{h} = {h * w:,} pixels, more than the {max_pixels:,} this reader accepts")
-    coder = CODERS[coder]
-    if coder == "constriction" and version < 4:
-        coder = RANGE_CODER  # the same coder byte named constriction's range coder before version 4
-    header = {"kind": KINDS[kind], "coder": coder, "model_id": mid, "height": h, "width": w,
-              "mode": MODES[mode], "param": param, "latent_shape": (c, lh, lw)}
-    payload = data[HEADER.size : HEADER.size + n_payload]
-    return header, payload, data[HEADER.size + n_payload : HEADER.size + n_payload + n_alpha]
+# The file format lives apart so that reading a header needs no PyTorch; codec's users find it here too.
+from fileformat import (CODERS, HEADER, HEADER_BYTES, KINDS, MAGIC, MAX_PIXELS, RANGE_CODER, READS,  # noqa: F401
+                        VERSION, FormatError, pack, unpack)
 
 
 # ----------------------------------------------------------------------------- entropy coders

@@ -18,7 +18,8 @@ from PIL import Image
 import codec
 from effort import DEFAULT as DEFAULT_EFFORT
 from checkpoint import DEFAULT_WEIGHTS, WEIGHTS_DIR, find_checkpoint, load_checkpoint
-from encryption import MAGIC as ENCRYPTED_MAGIC, DecryptionError, decrypt, encrypt, is_encrypted
+from encryption import DecryptionError, decrypt, encrypt, is_encrypted
+from fileformat import file_bytes, header_info
 from imagefiles import image_arrays, read_image, to_pil
 
 FormatError = codec.FormatError  # every bad file raises this one type (a ValueError)
@@ -92,34 +93,10 @@ class Codec:
         return self._models[model_id], model_id
 
 
-def file_bytes(data):
-    """The bytes of a .qae file given as bytes, a path or a binary file object; a file that does not start like
-    one is refused before the rest of it is read."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    if isinstance(data, (str, os.PathLike)):
-        with open(data, "rb") as f:
-            return file_bytes(f)
-    if not hasattr(data, "read"):
-        raise TypeError(f"cannot read a .qae file from a {type(data).__name__}: give bytes, a path or a file object")
-    head = data.read(len(codec.MAGIC))
-    if head not in (codec.MAGIC, ENCRYPTED_MAGIC):
-        raise FormatError("not a QAE compressed file (wrong magic bytes)")
-    return head + data.read()
-
-
 def info(data):
     """The header of a .qae file (bytes, a path or a file object) as a dict (model, size, mode, quality, coder,
     bytes, bpp, encrypted)."""
-    data = file_bytes(data)
-    if is_encrypted(data):
-        return {"encrypted": True, "bytes": len(data)}
-    header, payload, alpha = codec.unpack(data)
-    h, w = header["height"], header["width"]
-    rate = {"quality": header["param"] / 100} if header["kind"] != "seed" else {"bits": header["param"]}
-    return {"encrypted": False, "model": header["kind"], "model_id": header["model_id"].hex(), "width": w,
-            "height": h, "mode": header["mode"], **rate, "coder": header["coder"], "bytes": len(data),
-            "bpp": 8 * len(data) / (h * w), "payload_bytes": len(payload), "alpha_bytes": len(alpha)}
+    return header_info(file_bytes(data))
 
 
 _DEFAULT = []  # the default codec, loaded on first use

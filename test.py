@@ -201,7 +201,7 @@ def read_input(path):
 
 def read_qae(path):
     """A compressed file's bytes ("-": standard input), refused from its first bytes when it is not one."""
-    from qae import file_bytes
+    from fileformat import file_bytes
 
     if path == "-":
         return file_bytes(sys.stdin.buffer)
@@ -404,9 +404,9 @@ def decompress_command(args):
 
 def info_command(args):
     """test.py info: a .qae file's header, one field a line."""
-    import qae
+    from fileformat import header_info  # not qae: reading a header needs no PyTorch
 
-    for key, value in qae.info(read_qae(args.input)).items():
+    for key, value in header_info(read_qae(args.input)).items():
         print(f"{key:14s} {value:.4f}" if isinstance(value, float) else f"{key:14s} {value}")
     return 0
 

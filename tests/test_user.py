@@ -264,3 +264,13 @@ def test_modes_that_do_not_come_back_are_announced_and_unwritable_outputs_named(
     unwritable = "/proc/out.qae"  # a folder no one may create files in, root included
     r = run("compress", str(tmp_path / "p.png"), unwritable, "--weights", SHIPPED)
     assert r.returncode == 1 and b"cannot write /proc/out.qae" in r.stderr and b".tmp-" not in r.stderr, r.stderr
+
+
+def test_info_reads_the_header_without_torch(tiny, tmp_path):
+    """`test.py info` prints a header without importing PyTorch (it used to take 1.5 s to start)."""
+    path = tmp_path / "x.qae"
+    path.write_bytes(tiny.compress(photo_like(16, 16), quality=3))
+    code = ("import sys; sys.path.insert(0, %r); import test as t\nt.main(['info', %r])\nprint('torch' in sys.modules)"
+            % (ROOT, str(path)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "quality        3.0" in r.stdout and r.stdout.strip().endswith("False"), r.stdout + r.stderr
