@@ -66,7 +66,7 @@ def have_browser():
 @pytest.mark.skipif(not have_browser() and not os.environ.get("QAE_REQUIRE_BROWSER"),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_page_in_a_real_browser(app, tmp_path):
-    """Headless Chromium: upload, both panes show images, the quality slider recodes, the sizes on the page are
+    """Headless Chromium: no image before an upload, then both panes show images, the quality slider recodes, the sizes on the page are
     the bytes the API serves, a bad upload shows a message."""
     photo = tmp_path / "photo.png"
     photo.write_bytes(png_file(photo_like(120, 160, 3)))
@@ -75,6 +75,8 @@ def test_page_in_a_real_browser(app, tmp_path):
     try:
         driver.get(url)
         browser.wait_for(driver, "document.getElementById('codec').options.length > 0")
+        for img in ("left-img", "right-img"):  # no photo yet: nothing drawn, no broken-image text
+            assert driver.execute_script(f"return getComputedStyle(document.getElementById('{img}')).display") == "none"
         driver.find_element("id", "file").send_keys(str(photo))
         browser.wait_for(driver, "document.getElementById('right-stats').dataset.bytes")
         first = driver.execute_script("return document.getElementById('left-stats').dataset.bytes")
