@@ -46,11 +46,17 @@ class Codec:
     """A loaded checkpoint: compresses with it, and decompresses any file whose checkpoint is in weights_dir."""
 
     def __init__(self, weights=None, device="cpu", weights_dir=WEIGHTS_DIR):
-        self.model, ckpt = load_checkpoint(weights or DEFAULT_WEIGHTS, device)
+        self.weights = os.path.abspath(weights or DEFAULT_WEIGHTS)
+        self.model, ckpt = load_checkpoint(self.weights, device)
         if not self.model.has_tables():
             raise ValueError(f"{weights}: checkpoint without entropy tables (save it with train.py)")
         self.model_id, self.kind = bytes.fromhex(ckpt["model_id"]), ckpt["kind"]
         self.device, self.weights_dir, self._models = device, weights_dir, {}
+
+    def __reduce__(self):
+        """Pickled as its checkpoint's path, not its weights: a worker process (multiprocessing, Dask, Ray) that
+        receives a Codec loads the checkpoint once and reuses it for every later task."""
+        return worker_codec, (self.weights, self.device, self.weights_dir)
 
     def compress(self, image, quality=None, effort=DEFAULT_EFFORT, coder="constriction", passphrase=None,
                  progress=None):
@@ -97,6 +103,17 @@ def info(data):
     """The header of a .qae file (bytes, a path or a file object) as a dict (model, size, mode, quality, coder,
     bytes, bpp, encrypted)."""
     return header_info(file_bytes(data))
+
+
+_LOADED = {}  # (weights, device, weights_dir) → Codec, per process: what unpickled Codecs resolve to
+
+
+def worker_codec(weights, device="cpu", weights_dir=WEIGHTS_DIR):
+    """The Codec of a checkpoint, loaded once per process (what a pickled Codec becomes on a worker)."""
+    key = (weights, device, weights_dir)
+    if key not in _LOADED:
+        _LOADED[key] = Codec(weights, device, weights_dir)
+    return _LOADED[key]
 
 
 _DEFAULT = []  # the default codec, loaded on first use

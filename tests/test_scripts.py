@@ -205,3 +205,26 @@ def test_head_to_head_notes_little_overlap_only_when_a_cell_is_marked():
     far = curve("far", [2.0, 3.0, 4.0, 5.0], [36.0, 38.0, 40.0, 42.0])
     assert "overlap little" not in benchmark.head_to_head([ours], [ours, near])
     assert "overlap little" in benchmark.head_to_head([ours], [ours, near, far])
+
+
+def test_a_folder_compresses_on_a_local_dask_cluster(rd_ckpt, tmp_path):
+    """tools/dask_compress.py on a 2-worker local cluster: one file per photo (subfolders mirrored), each decoding
+    to its photo's size, the same bytes as a local compress; a Codec pickles as its path, loaded once per process."""
+    import pickle
+
+    import qae
+
+    folder = tmp_path / "imgs"
+    for i, rel in enumerate(["a.png", "sub/b.png", "c.png"]):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like(24 + 8 * i, 32, i)).save(folder / rel)
+    r = run("tools/dask_compress.py", "--images", str(folder), "--out", str(tmp_path / "out"), "--weights", rd_ckpt,
+            "--workers", "2", "--quality", "3")
+    assert r.returncode == 0 and "3 photos" in r.stdout, r.stderr
+    codec = qae.Codec(rd_ckpt)
+    for i, rel in enumerate(["a", "sub/b", "c"]):
+        data = (tmp_path / "out" / f"{rel}.qae").read_bytes()
+        assert data == codec.compress(str(folder / f"{rel}.png"), quality=3)
+        assert codec.decompress(data).size == (32, 24 + 8 * i)
+    blob = pickle.dumps(codec)
+    assert len(blob) < 1000 and pickle.loads(blob) is pickle.loads(blob)  # a path, resolved once per process
