@@ -1,24 +1,9 @@
-"""The compressed file format, the entropy coders and tiling: image ↔ bytes for any model.
+"""The entropy coders and tiling: image ↔ bytes for any model (the file format itself is fileformat.py's).
 
 The model turns an image into integer latents and those into (symbols, integer frequencies) segments
-(its coding interface, see model.py); this module never asks what kind of model it holds.
+(its coding interface, models/base.py); this module never asks what kind of model it holds.
 
-File layout (big-endian), version 4:
-
-  offset size field
-  0      3    magic b"QAE"
-  3      1    format version (4)
-  4      1    model kind: 0 = seed (B-bit, per-image table), 1 = rd (factorized prior), 2 = hyper, 3 = ctx
-  5      1    entropy coder: 0 = constriction (ANS; range coder in versions 2–3), 1 = arithmetic-compressor
-  6      4    model identity (first 4 bytes of SHA-256 over the checkpoint's tensors)
-  10     2,2  original height, width
-  14     1    original mode: 0 RGB, 1 L, 2 RGBA, 3 LA
-  15     2    rate parameter: seed = B, rd = quality × 100 (tables of the nearest stored quality)
-  17     2×3  latent shape C, h, w
-  23     4    payload length (entropy-coded latents)
-  27     4    alpha length (zlib-compressed alpha plane, 0 if none)
-  31     …    payload, then alpha
-  end-4  4    CRC-32 of everything before it
+The file layout (magic, version, header fields, CRC) is fileformat.py's.
 
 The rd payload holds, in one coder stream, each latent channel's symbols under that quality's
 integer table (whose last symbol is an escape), then the escaped values themselves (Exp-Golomb,
