@@ -290,13 +290,16 @@ def plot(curves, key, ylabel, path):
 
     fig, ax = plt.subplots(figsize=(8, 6))
     shown = []  # metric values inside the plotted bpp range, to fit the y axis to them
+    colours = iter(plt.get_cmap("tab20").colors * 3)  # 20 colours: no two nearby curves share one
     for c in curves:
         r = c["results"]
         if key not in r:
             continue
         pts = sorted((b, v) for b, v in zip(r["bpp"], r[key]) if v is not None and not math.isnan(v))
-        style = "--" if c["name"].endswith("(published)") else "-o"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=c["description"] or c["name"], ms=3)
+        ours, published = c["name"].startswith("ours-"), c["name"].endswith("(published)")
+        style = "--" if published else "-o" if ours else "-s"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=c["description"] or c["name"], ms=3,
+                color=next(colours), lw=2.2 if ours else 1.0, alpha=0.6 if published else 1.0)  # ours stand out
         shown += [v for b, v in pts if b <= MAX_PLOT_BPP]
     ax.set_xlabel("bits per pixel (real file size)")
     ax.set_ylabel(ylabel)
