@@ -390,7 +390,6 @@ def decompress_command(args):
     """test.py decompress: one .qae file (or standard input) → one image file (or PNG on standard output)."""
     from codec import decompress_file
 
-    check_output(args.output, args.allow_lossy)
     if same_file(args.input, args.output):
         raise ValueError(f"{args.output} is the input file: choose another output name")
     t = time.perf_counter()
@@ -418,6 +417,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     commands = {"compress": compress_command, "decompress": decompress_command, "info": info_command}
     try:
+        if args.command == "decompress":
+            check_output(args.output, args.allow_lossy)  # before torch loads: a refusal is instant
         if args.command != "info":
             setup_device(args)
         code = commands.get(args.command, run_folder)(args)
