@@ -82,9 +82,9 @@ def entropy_encode(segments, coder):
 
 
 @functools.lru_cache(maxsize=4096)
-def _least_bits(freqs_bytes):
-    """Fewest bits any symbol of a table can cost: −log2 of its largest probability."""
-    return PRECISION - float(np.log2(np.frombuffer(freqs_bytes, np.int64).max()))
+def _least_bits(dtype, key):
+    """Fewest bits any symbol of a table (keyed like _cached_model) can cost: −log2 of its largest probability."""
+    return PRECISION - float(np.log2(np.frombuffer(key, dtype).max()))
 
 
 class _CountingDecoder(ac.Decoder):
@@ -149,13 +149,14 @@ class SymbolDecoder:
         """The next n symbols, coded with the integer frequencies freqs, as int32."""
         if len(freqs) < 2 or n == 0:
             return np.zeros(n, np.int32)  # a one-symbol alphabet costs nothing and is not coded
-        freqs = np.asarray(freqs, np.int64)
-        self.spent += n * _least_bits(freqs.tobytes())
+        freqs = np.asarray(freqs)
+        key = (freqs.dtype.str, freqs.tobytes())
+        self.spent += n * _least_bits(*key)
         if self.spent > self.bits + SLACK_BITS:
             raise FormatError(f"payload corrupted (its {self.bits // 8} bytes cannot hold the "
                               f"symbols the file declares)")
         if self.coder != "arithmetic-compressor":
-            return self.dec.decode(_constriction_model(freqs), n).astype(np.int32, copy=False)
+            return self.dec.decode(_cached_model(*key), n).astype(np.int32, copy=False)
         table = _ac_table(freqs)
         return np.array([self.dec.decode_symbol(table) for _ in range(n)], np.int32)
 

@@ -32,7 +32,8 @@ PAGE = os.path.join(ROOT, "web", "demo.html")
 DEMO_CODECS = ("jpeg420", "webp", "avif", "avif-stock", "jxl-stock", "heic-fast")
 SETTINGS = {"jpeg420": (1, 100), "webp": (0, 100), "avif": (0, 100), "avif-stock": (0, 100), "jxl-stock": (1, 100),
             "heic-fast": (1, 100)}
-EXTENSIONS = {"jpeg420": "jpg", "webp": "webp", "avif": "avif", "avif-stock": "avif", "jxl-stock": "jxl", "heic-fast": "heic"}
+EXTENSIONS = {"jpeg420": "jpg", "webp": "webp", "avif": "avif", "avif-stock": "avif", "jxl-stock": "jxl",
+              "heic-fast": "heic"}
 KEEP_IMAGES = 8  # uploads kept in memory (the oldest is forgotten first)
 WAIT_S = 120  # a request waits this long for the coder (one job at a time) before it is told the server is busy
 MAX_EFFORT = 3  # the page's efforts: side search only, bounded time on any image size
@@ -138,7 +139,7 @@ def closest_setting(name, rgb, target_bytes):
 
 
 def number(value, lo, hi, whole=False):
-    """A JSON number within [lo, hi] (a whole one if asked), or None: true / false, strings and lists are not numbers."""
+    """A JSON number within [lo, hi] (a whole one if asked), or None: booleans, strings and lists are not numbers."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and value != int(value)):
         return None
     return (int(value) if whole else float(value)) if lo <= value <= hi else None
@@ -202,7 +203,8 @@ class Demo:
             """Decode (one job at a time, like coding: a large decode is as heavy), keep, describe."""
             rgb, _, _, notices = read_image(data)
             token = self.store.add({"rgb": rgb, "name": data.name, "files": {}})
-            return {"token": token, "width": rgb.shape[1], "height": rgb.shape[0], "name": data.name, "notices": notices}
+            return {"token": token, "width": rgb.shape[1], "height": rgb.shape[0], "name": data.name,
+                    "notices": notices}
 
         return self.job(work)
 
@@ -223,7 +225,8 @@ class Demo:
         if item is None:
             return {"error": "unknown or expired image: upload it again"}, 404
         top = self.codec.model.num_qualities
-        quality, effort = number(body.get("quality", 4), 1, top), number(body.get("effort", 1), 0, MAX_EFFORT, whole=True)
+        quality = number(body.get("quality", 4), 1, top)
+        effort = number(body.get("effort", 1), 0, MAX_EFFORT, whole=True)
         if quality is None or effort is None:
             return {"error": f"quality must be a number from 1 to {top} and effort a whole number from 0 to "
                              f"{MAX_EFFORT} on this page"}, 400
@@ -248,7 +251,8 @@ class Demo:
         target = number(body["target_bytes"], 1, 1 << 40, whole=True) if "target_bytes" in body else None
         setting = number(body.get("setting", (lo + hi) // 2), lo, hi, whole=True)
         if ("target_bytes" in body and target is None) or setting is None:
-            return {"error": f"setting must be a whole number from {lo} to {hi}, target_bytes a positive whole number"}, 400
+            return {"error": f"setting must be a whole number from {lo} to {hi}, target_bytes a positive whole "
+                             f"number"}, 400
 
         def work():
             """Code (matched or at the setting), decode, keep the files, score."""

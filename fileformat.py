@@ -24,7 +24,7 @@ anything is allocated, and any inconsistency raises FormatError with a one-line 
 import struct
 import zlib
 
-from encryption import MAGIC as ENCRYPTED_MAGIC
+from encryption import MAGIC as ENCRYPTED_MAGIC, is_encrypted
 from imagefiles import MODES
 
 MAGIC = b"QAE"
@@ -100,7 +100,7 @@ def file_bytes(data):
 
 def header_info(data):
     """The header of a .qae file's bytes as a dict (model, size, mode, quality, coder, bytes, bpp, encrypted)."""
-    if data[: len(ENCRYPTED_MAGIC)] == ENCRYPTED_MAGIC:
+    if is_encrypted(data):
         return {"encrypted": True, "bytes": len(data)}
     header, payload, alpha = unpack(data)
     h, w = header["height"], header["width"]

@@ -22,6 +22,11 @@ def list_images(folder):
     return sorted(paths)
 
 
+def output_name(path, root):
+    """A file's name for its outputs: its path under root without the extension (subfolders mirrored)."""
+    return os.path.splitext(os.path.relpath(path, root))[0]
+
+
 def read_rgb(path, max_side=None):
     """An image file as uint8 RGB (H, W, 3), EXIF orientation applied, area-downscaled so that its long
     side is at most max_side; ValueError if it is not an image."""

@@ -68,8 +68,8 @@ class Codec:
         return encrypt(data, passphrase) if passphrase else data
 
     def decompress(self, data, passphrase=None, max_pixels=codec.MAX_PIXELS):
-        """A .qae file (bytes, a path or a file object) → a PIL image in the original size and mode; FormatError for a bad file or
-        one declaring more than max_pixels (decoding needs memory in proportion to the declared size)."""
+        """A .qae file (bytes, a path or a file object) → a PIL image in the original size and mode; FormatError
+        for a bad file or one declaring more than max_pixels (decoding needs memory in proportion to that size)."""
         data = self._opened(data, passphrase)
         model, model_id = self._model_for(codec.unpack(data, max_pixels)[0]["model_id"])
         return to_pil(*codec.decompress(model, model_id, data, max_pixels))

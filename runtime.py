@@ -58,8 +58,6 @@ def resolve_device(name):
     return device
 
 
-
-
 def cpu_has_bf16():
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX) as oneDNN sees it.
 

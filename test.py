@@ -70,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--compressed-dir", default="compressed_folder", help="where NAME.qae files go")
     p.add_argument("--decompressed-dir", default="decompressed_folder", help="where NAME.png files go")
     p.add_argument("--workers", type=int, default=1, help="processes compressing in parallel (one torch thread each)")
-    p.add_argument("--shard", default=None, help="i/n, i from 0 to n − 1: a deterministic share of the files (by name hash), so n "
-                                                 "machines can split one collection with no coordination")
+    p.add_argument("--shard", default=None,
+                   help="i/n, i from 0 to n − 1: a deterministic share of the files (by name hash), so n machines "
+                        "can split one collection with no coordination")
     p.add_argument("--results", default=None, help="write per-image results to this .json or .csv "
                                                    "(merge shards with metrics.py --merge)")
     sub = p.add_subparsers(dest="command", metavar="{compress,decompress,info}")
@@ -112,12 +113,14 @@ def options_before(argv, command, parser):
     return early
 
 
-def same_file(a, b):
-    """Whether two command-line paths name the same existing file ("-" never does)."""
+def refuse_overwriting_input(src, dst):
+    """ValueError when an output path names the input file (the same path or a link to it; "-" never does)."""
     try:
-        return "-" not in (a, b) and os.path.exists(b) and os.path.samefile(a, b)
+        same = "-" not in (src, dst) and os.path.exists(dst) and os.path.samefile(src, dst)
     except OSError:
-        return False
+        same = False
+    if same:
+        raise ValueError(f"{dst} is the input file: choose another output name")
 
 
 def setup_device(args):
@@ -203,10 +206,7 @@ def read_qae(path):
     """A compressed file's bytes ("-": standard input), refused from its first bytes when it is not one."""
     from fileformat import file_bytes
 
-    if path == "-":
-        return file_bytes(sys.stdin.buffer)
-    with open(path, "rb") as f:
-        return file_bytes(f)
+    return file_bytes(sys.stdin.buffer if path == "-" else path)
 
 
 def read_compressed(path, args, passphrase=None):
@@ -244,13 +244,10 @@ def init_worker(weights, args, passphrase, threads=0):
     WORKER.update(model=model, mid=mid, ckpt=ckpt, args=args, passphrase=passphrase)
 
 
-def output_name(path, root):
-    """An input's output name: its path under the images folder without the extension (subfolders mirrored)."""
-    return os.path.splitext(os.path.relpath(path, root))[0]
-
-
 def check_distinct_outputs(paths, root):
     """ValueError naming two inputs that would write the same outputs (a.png and a.jpg in one folder)."""
+    from imagefiles import output_name
+
     seen = {}
     for path in paths:
         other = seen.setdefault(os.path.normcase(output_name(path, root)), path)
@@ -263,7 +260,7 @@ def process_image(path):
     """Compress one image to the compressed folder and decompress it back: (row, notices) or (None, error)."""
     import metrics
     from codec import decompress_file
-    from imagefiles import read_image
+    from imagefiles import output_name, read_image
 
     model, mid, args, passphrase = WORKER["model"], WORKER["mid"], WORKER["args"], WORKER["passphrase"]
     stem = output_name(path, args.images)
@@ -372,8 +369,7 @@ def compress_command(args):
     """test.py compress: one image file (or standard input) → one .qae file (or standard output)."""
     from encryption import read_passphrase
 
-    if same_file(args.input, args.output):
-        raise ValueError(f"{args.output} is the input file: choose another output name")
+    refuse_overwriting_input(args.input, args.output)
     if args.output != "-" and not args.output.lower().endswith(".qae"):
         print(f"warning: {args.output} does not end in .qae", file=sys.stderr)
     model, mid, _ = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
@@ -390,8 +386,7 @@ def decompress_command(args):
     """test.py decompress: one .qae file (or standard input) → one image file (or PNG on standard output)."""
     from codec import decompress_file
 
-    if same_file(args.input, args.output):
-        raise ValueError(f"{args.output} is the input file: choose another output name")
+    refuse_overwriting_input(args.input, args.output)
     t = time.perf_counter()
     data = read_compressed(args.input, args)
     model, mid, _ = load_model(find_weights(data, args), args.device)

@@ -24,10 +24,10 @@ wait_passively()
 def compress_one(codec, path, root, out, quality):
     """One task: a photo → OUT/…/NAME.qae, written atomically; (output path, bytes, pixels)."""
     import qae
-    from imagefiles import atomic_write
+    from imagefiles import atomic_write, output_name
 
     data = codec.compress(path, quality=quality)
-    target = os.path.join(out, os.path.splitext(os.path.relpath(path, root))[0] + ".qae")
+    target = os.path.join(out, output_name(path, root) + ".qae")
     atomic_write(target, data)
     head = qae.info(data)
     return target, len(data), head["width"] * head["height"]
