@@ -1,7 +1,8 @@
 """Where a reader starts: the seed's ResNet auto-encoder (the student design the project began with) and the
 registry that builds any model from its config. The learned families live one per module in models/
-(factorized.py: rd, hyperprior.py: hyper, context.py: ctx) on models/base.py's CodingModel, whose docstring
-lists the coding interface; checkpoint files are checkpoint.py's.
+(factorized.py: rd, hyperprior.py: hyper, context.py: ctx) on models/transform.py's TransformCodec (GDN
+transforms, a gain vector per quality) and models/base.py's CodingModel (the coding interface); checkpoint
+files are checkpoint.py's.
 """
 import struct
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from models.base import CodingModel, distortion
 from models.context import CtxConfig, CtxModel
 from models.factorized import RDConfig, RDModel
 from models.hyperprior import HyperConfig, HyperModel
+from models.residual import ResCtxConfig, ResCtxModel
 
 
 # ----------------------------------------------------------------------------- seed model
@@ -210,7 +212,7 @@ class SeedAutoEncoder(CodingModel):
 
 # ----------------------------------------------------------------------------- registry
 KINDS = {"seed": (SeedConfig, SeedAutoEncoder), "rd": (RDConfig, RDModel), "hyper": (HyperConfig, HyperModel),
-         "ctx": (CtxConfig, CtxModel)}
+         "ctx": (CtxConfig, CtxModel), "resctx": (ResCtxConfig, ResCtxModel)}
 
 
 def build_model(config):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, save_checkpoint
 from dataset import CropDataset, LatentBank, on_device, split_paths
 from imagefiles import list_images
-from model import CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model
+from model import KINDS, CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model
 from models.base import geometric_ladder
 from runtime import HelpFormatter, cpu_has_bf16, keep_freed_memory, resolve_device
 
@@ -29,16 +29,28 @@ SEED_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 RD_PRESETS = {"rd": dict(N=80, M=192), "rd-small": dict(N=64, M=128), "rd-large": dict(N=128, M=192),
               "hyper": dict(N=80, M=192, H=64), "ctx": dict(N=80, M=192, H=64, spatial=64)}
 CONFIGS = {"ctx": CtxConfig}  # the presets' config classes beside RDConfig / HyperConfig (those with H)
+# Every other registered kind is an --arch too, sized by its config's defaults.
+LEARNED_ARCHS = tuple(RD_PRESETS) + tuple(k for k in KINDS if k not in RD_PRESETS and k != "seed")
+
+
+def arch_preset(arch):
+    """(config class, its preset sizes) of a learned model's --arch: RD_PRESETS', or a registered kind's defaults."""
+    if arch not in RD_PRESETS:
+        cfg_cls = KINDS[arch][0]
+        return cfg_cls, {k: getattr(cfg_cls, k) for k in ("N", "M", "H") if hasattr(cfg_cls, k)}
+    channels = dict(RD_PRESETS[arch])
+    return CONFIGS.get(arch, HyperConfig if "H" in channels else RDConfig), channels
 
 
 def parse_args(argv=None):
     """Command-line flags; every default runs."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--arch", default="rd", choices=SEED_ARCHS + tuple(RD_PRESETS),
+    p.add_argument("--arch", default="rd", choices=SEED_ARCHS + LEARNED_ARCHS,
                    help="model preset: resnet18/34/50/101 = the seed auto-encoder (resnet101 is the "
                         "seed's own), rd / rd-small / rd-large = the rate–distortion codec (factorized prior), "
                         "hyper = the same with a scale hyperprior, ctx = with a mean-scale hyperprior and "
-                        "channel-wise context (start it from a hyper checkpoint with --init)")
+                        "channel-wise context (start it from a hyper checkpoint with --init), resctx = ctx with residual "
+                        "blocks in its transforms (start it from a ctx checkpoint with --init)")
     p.add_argument("--train-dir", default="data/train", help="folder of training photos (searched recursively)")
     p.add_argument("--val-dir", default="data/val",
                    help="folder of validation photos; if missing or empty, --val-fraction of the training set is held out")
@@ -121,13 +133,12 @@ def make_model(args):
         else:
             print("encoder trunk randomly initialised (no --pretrained file given; nothing is downloaded)")
         return model
-    channels = dict(RD_PRESETS[args.arch])
+    cfg_cls, channels = arch_preset(args.arch)
     if args.rd_channels:
         channels.update(zip("NMH" if "H" in channels else "NM", (int(c) for c in args.rd_channels.split(","))))
-    cfg_cls = CONFIGS.get(args.arch, HyperConfig if "H" in channels else RDConfig)
-    if cfg_cls is CtxConfig and channels["M"] != RD_PRESETS["ctx"]["M"]:
+    if issubclass(cfg_cls, CtxConfig) and channels["M"] != cfg_cls.M:
         # The preset's slices in proportion (1 : 1 : 2 : 4 : 4 of M), so --rd-channels works for ctx too.
-        parts = [s * channels["M"] // RD_PRESETS["ctx"]["M"] for s in CtxConfig.slices]
+        parts = [s * channels["M"] // cfg_cls.M for s in cfg_cls.slices]
         channels["slices"] = tuple(parts[:-1]) + (channels["M"] - sum(parts[:-1]),)
     if args.top_lambda is not None:
         preset = cfg_cls().lambdas
@@ -403,7 +414,7 @@ def setup(args):
     train_set, val_set = make_data(args)
     model = make_model(args).to(args.device)
     opt = make_optimizer(model, args)
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "loss_ema": 0.0, "skipped": 0, "best_val": math.inf,
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "cpu": 0.0, "loss_ema": 0.0, "skipped": 0, "best_val": math.inf,
              "earlier_stages": []}
     model, opt, state = resume_or_init(model, opt, state, args)
     start_model(model, state, args, train_set)
@@ -418,7 +429,7 @@ def setup(args):
     log_path = os.path.join(args.out, f"{args.name}_log.csv")
     if rank == 0 and not os.path.exists(log_path):
         with open(log_path, "w") as f:
-            f.write("step,epoch,minutes,lr,loss,mse,psnr,bpp,samples_per_s\n")
+            f.write("step,epoch,minutes,lr,loss,mse,psnr,bpp,samples_per_s,cpu_minutes\n")
     run = Run(model, net, opt, scaler, amp, vgg, rank, world, log_path, layout,
               {"mode": "seed_noise"} if args.seed_noise else {})
     return run, state, train_set, val_set
@@ -470,11 +481,12 @@ def training_layout(args):
     5×5 stride-2 maps are slow in channels_last; rd's 8 × 128² 16.5 vs 15.4 in channels_last)."""
     layout = args.layout
     if layout == "auto":
-        layout = "nchw" if args.arch in ("hyper", "ctx") and not args.device.startswith("cuda") else "channels_last"
+        hyperprior = args.arch not in SEED_ARCHS and "H" in arch_preset(args.arch)[1]
+        layout = "nchw" if hyperprior and not args.device.startswith("cuda") else "channels_last"
     return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
-def train_step(run, x, seeds, state, args, start):
+def train_step(run, x, seeds, state, args, start, start_cpu):
     """One optimizer step on a batch; returns (loss, parts), or None when the batch was a loss spike."""
     x = on_device(x, args.device).contiguous(memory_format=run.layout)
     quality, noise = run.model.draw_randomness(seeds, args.crop)
@@ -483,6 +495,8 @@ def train_step(run, x, seeds, state, args, start):
         out = forward(x, quality, None if noise is None else noise.to(args.device), **run.forward_kwargs)
         loss, parts = compute_loss(run.model, x, out, quality, run.vgg, args)
     loss_value, state["elapsed"] = synced([loss.item(), time.time() - start], run.rank, run.world)
+    # CPU time of this process (all its threads): on a shared machine it, not wall time, compares runs
+    state["cpu"] = start_cpu + time.process_time()
     ema = state["loss_ema"] or loss_value
     state["epoch_step"] += 1
     if not math.isfinite(loss_value) or loss_value > 50 * ema:
@@ -505,7 +519,8 @@ def write_log_line(path, state, lr, window, seconds, batch_size):
     mean = {k: v / window["n"] for k, v in window.items()}
     with open(path, "a") as f:
         f.write(f"{state['step']},{state['epoch']},{state['elapsed'] / 60:.2f},{lr:.3g},{mean['loss']:.5f},"
-                f"{mean.get('mse', 0):.6f},{mean.get('psnr', 0):.3f},{mean.get('bpp', 0):.4f},{window['n'] * batch_size / seconds:.1f}\n")
+                f"{mean.get('mse', 0):.6f},{mean.get('psnr', 0):.3f},{mean.get('bpp', 0):.4f},{window['n'] * batch_size / seconds:.1f},"
+                f"{state.get('cpu', 0) / 60:.2f}\n")
 
 
 def main(argv=None):
@@ -514,6 +529,7 @@ def main(argv=None):
     run, state, train_set, val_set = setup(args)
     print(f"training {args.name}: global batch {args.batch_size} on {run.world} process(es), peak LR {args.lr}")
     start, last_ckpt, budget = time.time() - state["elapsed"], time.time(), args.max_minutes * 60
+    start_cpu = state.setdefault("cpu", 0.0) - time.process_time()  # resume states older than the CPU clock lack it
     done, window, t_log = False, {}, time.time()  # window: sums of the steps since the last log line
     while state["epoch"] < args.epochs and not done:
         sums = {}
@@ -525,7 +541,7 @@ def main(argv=None):
             lr = lr_at(state["step"], progress, args)
             for group in run.opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            result = train_step(run, x, seeds, state, args, start)
+            result = train_step(run, x, seeds, state, args, start, start_cpu)
             if result is None:
                 continue
             if state["step"] == 20 and budget and run.rank == 0:
@@ -594,7 +610,8 @@ def end_of_epoch(model, opt, state, args, val_set, vgg, sums):
     with open(os.path.join(args.out, "losses.txt"), "a") as f:
         f.write(f"{args.name} epoch {state['epoch']} step {state['step']} train_loss {train_loss:.6f} "
                 f"val_loss {val['loss']:.6f} val_psnr {val['psnr']:.3f}"
-                + (f" val_bpp {val['bpp']:.4f}" if "bpp" in val else "") + "\n")
+                + (f" val_bpp {val['bpp']:.4f}" if "bpp" in val else "")
+                + f" minutes {state['elapsed'] / 60:.1f} cpu_minutes {state.get('cpu', 0) / 60:.1f}\n")
     qualities = ", ".join("the seed's rate" if q is None else f"{q:g}" for q in model.validation_qualities())
     print(f"epoch {state['epoch']} step {state['step']}: train loss {train_loss:.5f}; validation (mean over quality "
           f"{qualities}): loss {val['loss']:.5f}, PSNR {val['psnr']:.2f} dB" + (f", bpp {val['bpp']:.3f}" if "bpp" in val else ""))

@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from quantize import GaussianConditional, ste_round
 from intnet import ACT_BITS, ACT_MAX, convs_of, fixed_point, int_net, read_scaled, scale_segments, weight_shift
-from models.hyperprior import HyperConfig, HyperModel
+from models.hyperprior import HyperConfig, SideLatents
+from models.transform import TransformCodec
 
 
 @dataclass
@@ -52,28 +53,136 @@ def context_net(cin, hidden, cout):
                          nn.Conv2d(hidden, cout, 1))
 
 
-class CtxModel(HyperModel):
-    """The hyper model with a mean-scale hyperprior and a channel-wise context model (Minnen & Singh 2020,
+def float_chain(model, h, y, g, ig, rounding=ste_round):
+    """The float context chain (training, estimates, the encoder search): h_s' output h, the latents y and the
+    gains → the means and log-scales of every latent (y units) and the decoded latents μ + rounding(y − μ)."""
+    m, means, log_scales, decoded = model.cfg.M, [], [], []
+    black = checkerboard(y.shape[-2:], y.device)
+    for k, (a, b) in enumerate(model.bounds):
+        mean, log_scale = h[:, a:b], h[:, m + a : m + b]
+        if k:
+            d = model.context[k - 1](torch.cat([mean, log_scale, torch.cat(decoded, 1) * ig[:, :a]], 1))
+            mean, log_scale = mean + d[:, : b - a], log_scale + d[:, b - a :]
+        if model.spatial:
+            mean_y = mean * g[:, a:b]
+            d = model.spatial[k]((rounding(y[:, a:b] - mean_y) + mean_y) * ig[:, a:b] * black) * ~black
+            mean, log_scale = mean + d[:, : b - a], log_scale + d[:, b - a :]
+        mean = mean * g[:, a:b]
+        decoded.append(rounding(y[:, a:b] - mean) + mean)
+        means.append(mean)
+        log_scales.append(log_scale)
+    return torch.cat(means, 1), torch.cat(log_scales, 1), torch.cat(decoded, 1)
+
+
+def integer_chain(model, z_hat, quality, size, pick):
+    """The integer context chain of the coder: slice after slice (and within a slice, with a checkerboard, black
+    squares then white), the exact mean (MEAN_BITS fixed point, y units) and scale index of every latent;
+    pick(a, b, mean, index, where) gives the slice's integer symbols at the (h, w) mask `where` (None: all) —
+    the encoder rounds, the decoder reads. Returns the decoded latents μ + symbol in MEAN_BITS fixed point (int64)."""
+    stored_frac, step = model.index_units.tolist()
+    if stored_frac != LOG_BITS or step <= 0 or model.gain_units.numel() == 0:
+        raise ValueError("no integer tables (or built for other weights): rebuild the tables")
+    level, m = model.table_level(quality), model.cfg.M
+    gain, igain, offsets = (t[level].view(-1, 1, 1).cpu() for t in (model.gain_units, model.igain_units, model.index_offsets))
+    feats, log_scales = model._hyper_fixed(z_hat, size)
+    y = torch.zeros((m, *size), dtype=torch.int64)
+    inputs = torch.zeros((m, *size), dtype=torch.float64)  # ŷ · inverse gain at ACT_BITS: what the context sees
+    black = checkerboard(size)
+    for k, (a, b) in enumerate(model.bounds):
+        mean, log_scale = feats[a:b].double(), log_scales[a:b]
+        if k:
+            x = torch.cat([feats[a:b].double(), feats[m + a : m + b].double(), inputs[:a]])
+            mean, log_scale = refined(model, model.context[k - 1], x, mean, log_scale)
+        decoded = torch.zeros((b - a, *size), dtype=torch.int64)
+        for half, where in enumerate((black, ~black) if model.spatial else (None,)):
+            if half:  # white squares: refined from the black ones
+                x = torch.where(black, unscaled(decoded, igain[a:b]), 0.0)
+                mean, log_scale = refined(model, model.spatial[k], x, mean, log_scale)
+            mean_y = torch.div(mean.clamp(-ACT_MAX, ACT_MAX).to(torch.int64) * gain[a:b],
+                               1 << (ACT_BITS + GAIN_BITS - MEAN_BITS), rounding_mode="floor")
+            index = torch.div(log_scale + offsets[a:b] + step // 2, step, rounding_mode="floor")
+            symbols = pick(a, b, mean_y, index.clamp_(0, GaussianConditional.LEVELS - 1).to(torch.uint8), where)
+            value = (mean_y + symbols.to(torch.int64) * (1 << MEAN_BITS)).clamp_(-VALUE_MAX, VALUE_MAX)
+            decoded = value if where is None else torch.where(where, value, decoded)
+        y[a:b] = decoded
+        inputs[a:b] = unscaled(decoded, igain[a:b])
+    return y
+
+
+def refined(model, net, x, mean, log_scale):
+    """Unscaled means (ACT_BITS, float64) and log-scales (LOG_BITS, int64) plus a context network's integer
+    output on x (model._int_context, which tools/coding_report.py clocks)."""
+    acc, frac = model._int_context(net, x)
+    c = mean.shape[0]
+    return mean + fixed_point(acc[:c], frac, ACT_BITS), log_scale + fixed_point(acc[c:], frac, LOG_BITS).to(torch.int64)
+
+
+def int_context(net, x):
+    """A context network as an integer network on its float64 integer input (C, h, w) at ACT_BITS, in strips of
+    rows: (exact accumulator (C_out, h, w), its fractional bits)."""
+    convs, rows, parts = convs_of(net), x.shape[1], []
+    for r0 in range(0, rows, CONTEXT_ROWS):
+        a, b = max(r0 - 1, 0), min(r0 + CONTEXT_ROWS + 1, rows)
+        acc, frac = int_net(convs, x[None, :, a:b], ACT_BITS)
+        parts.append(acc[0, :, r0 - a : r0 - a + min(CONTEXT_ROWS, rows - r0)])
+    return torch.cat(parts, 1), frac
+
+
+def coded_bits(model, latents, quality, rounding):
+    """(bits, decoded latents μ + rounding(y − μ)) of batched latents y and side latents z (z rounded by
+    `rounding` too) under the float networks: the coder's chain with relaxed rounding (the encoder search)."""
+    y, z = latents["y"], rounding(latents["z"])
+    g, ig = (t.to(y.device) for t in model.gains(quality))
+    mean, log_scale, y_hat = float_chain(model, model.h_s(z)[..., : y.shape[-2], : y.shape[-1]], y, g, ig, rounding)
+    bits = -torch.log2(model.gaussian.likelihood(y_hat - mean, torch.exp(log_scale) * g)).sum()
+    return bits - torch.log2(model.prior.likelihood(z)).sum(), y_hat
+
+
+@torch.no_grad()
+def embed_scale_hyperprior(model, source):
+    """Where source is a scale hyperprior (hyper), copy h_a's |u| half and h_s' log-scale half into the ctx model,
+    the means starting at zero, so it starts coding exactly as the source; the names so filled."""
+    m = model.cfg.M
+    first, last = source.h_a[0].weight, source.h_s[-1].weight
+    if first.shape[1] != m or last.shape[0] != m:
+        return []
+    model.h_a[0].weight.zero_()
+    model.h_a[0].weight[:, m:] = first
+    model.h_a[0].bias.copy_(source.h_a[0].bias)
+    model.h_s[-1].weight.zero_()
+    model.h_s[-1].weight[m:] = last
+    model.h_s[-1].bias.zero_()
+    model.h_s[-1].bias[m:] = source.h_s[-1].bias
+    return ["h_a.0.weight", "h_s.4.weight", "h_s.4.bias"]
+
+
+class CtxModel(SideLatents, TransformCodec):
+    """The transform codec with a mean-scale hyperprior and a channel-wise context model (Minnen & Singh 2020,
     uneven slices as in He et al. 2022): h_s predicts a mean and a log-scale per latent, and each slice's
     context network refines them from the slices already decoded. Decoding runs slice after slice, every
     slice in parallel.
 
     Every number that decides a symbol's table or its value is integer: h_s and the context networks run
     as integer networks (int_net), the mean is fixed point with MEAN_BITS fractional bits, the coded symbol
-    is round(y − μ) and the decoder's latent is exactly μ + symbol. The quality's gains enter as stored
-    integers per table quality (gain_units, igain_units), like the scale-index offsets.
+    is round(y − μ) and the decoder's latent is exactly μ + symbol (integer_chain). The quality's gains enter
+    as stored integers per table quality (gain_units, igain_units), like the scale-index offsets.
     """
 
     FIT_NOTE = ", hyperprior started as per-channel zero-mean Gaussians"
     INTEGER_NETWORKS = ("_hyper_fixed", "_int_context")
+    ENTROPY_MODULES = ("prior", "h_a", "h_s", "context", "spatial")
+    ENTROPY_LR_SCALE = 10.0  # the entropy networks learn at 10× the transforms' rate (they start from zero)
+    # z sets the means, so moving it moves where every latent rounds to: no side search (rate alone) applies.
+    # A re-rounding side search, measured on 2 Kodak images: 0.16 s a step, files −1.8 % at quality 6, +3.7 % at 2.
+    SIDE_KEYS = ()
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        m, h = cfg.M, cfg.H
+        m = cfg.M
         if sum(cfg.slices) != m or min(cfg.slices) < 1:
             raise ValueError(f"slices {cfg.slices} do not split the {m} latent channels")
-        self.h_a[0] = nn.Conv2d(2 * m, h, 3, padding=1)  # sees u and |u|: the means need the signs
-        self.h_s[-1] = nn.Conv2d(h, 2 * m, 3, padding=1)  # means, then log-scales
+        # h_a sees u and |u| (the means need the signs); h_s gives the means, then the log-scales.
+        self.add_side_latents(cfg, 2 * m, 2 * m)
         ends = np.cumsum(cfg.slices).tolist()
         self.bounds = list(zip([0] + ends[:-1], ends))
         self.context = nn.ModuleList(context_net(2 * (b - a) + a, cfg.context, 2 * (b - a)) for a, b in self.bounds[1:])
@@ -86,9 +195,6 @@ class CtxModel(HyperModel):
             nn.init.zeros_(net[-1].bias)
         self.register_buffer("gain_units", torch.zeros(0, m, dtype=torch.int64))  # round(gain · 2^GAIN_BITS)
         self.register_buffer("igain_units", torch.zeros(0, m, dtype=torch.int64))  # of the inverse gains
-
-    ENTROPY_MODULES = ("prior", "h_a", "h_s", "context", "spatial")
-    ENTROPY_LR_SCALE = 10.0  # the entropy networks learn at 10× the transforms' rate (they start from zero)
 
     def param_groups(self):
         """Transforms and gains at the run's learning rate; h_a, h_s and the context networks at ENTROPY_LR_SCALE
@@ -103,26 +209,6 @@ class CtxModel(HyperModel):
         """What h_a sees of the unscaled latents: the latents and their magnitudes."""
         return torch.cat([u, u.abs()], 1)
 
-    def _slices(self, h, y, g, ig, rounding=ste_round):
-        """Float context chain (training, estimates, the encoder search): h_s' output h, the latents y and the gains →
-        the means and log-scales of every latent (y units) and the decoded latents μ + rounding(y − μ)."""
-        m, means, log_scales, decoded = self.cfg.M, [], [], []
-        black = checkerboard(y.shape[-2:], y.device)
-        for k, (a, b) in enumerate(self.bounds):
-            mean, log_scale = h[:, a:b], h[:, m + a : m + b]
-            if k:
-                d = self.context[k - 1](torch.cat([mean, log_scale, torch.cat(decoded, 1) * ig[:, :a]], 1))
-                mean, log_scale = mean + d[:, : b - a], log_scale + d[:, b - a :]
-            if self.spatial:
-                mean_y = mean * g[:, a:b]
-                d = self.spatial[k]((rounding(y[:, a:b] - mean_y) + mean_y) * ig[:, a:b] * black) * ~black
-                mean, log_scale = mean + d[:, : b - a], log_scale + d[:, b - a :]
-            mean = mean * g[:, a:b]
-            decoded.append(rounding(y[:, a:b] - mean) + mean)
-            means.append(mean)
-            log_scales.append(log_scale)
-        return torch.cat(means, 1), torch.cat(log_scales, 1), torch.cat(decoded, 1)
-
     def entropy_forward(self, u, quality, noise=None):
         """Training pass of the entropy model: noisy latents around their means for the rate, μ + round(y − μ)
         (straight through) for the decoder."""
@@ -130,29 +216,21 @@ class CtxModel(HyperModel):
         y = u * g
         z_tilde, z_lik = self.prior(self.h_a(self.hyper_input(u)), training=True)
         h = self.h_s(z_tilde)[..., : y.shape[-2], : y.shape[-1]]
-        mean, log_scale, y_hat = self._slices(h, y, g, ig)
+        mean, log_scale, y_hat = float_chain(self, h, y, g, ig)
         y_tilde = y + (noise if noise is not None else torch.rand_like(y) - 0.5)
         y_lik = self.gaussian.likelihood(y_tilde - mean, torch.exp(log_scale) * g)
         return {"y_hat": y_hat, "likelihoods": [y_lik, z_lik], "pixels": self._pixels(u)}
 
+    # -- encoder search (effort.py)
     def rate_bits(self, latents, quality):
         """Bits of batched decoded latents and side latents under the float networks' means and scales;
         differentiable."""
-        return self._coded_bits(latents, quality, lambda v: v)[0]
-
-    def _coded_bits(self, latents, quality, rounding):
-        """(bits, decoded latents μ + rounding(y − μ)) of batched latents y and side latents z (z rounded by
-        `rounding` too) under the float networks: the coder's chain with relaxed rounding."""
-        y, z = latents["y"], rounding(latents["z"])
-        g, ig = (t.to(y.device) for t in self.gains(quality))
-        mean, log_scale, y_hat = self._slices(self.h_s(z)[..., : y.shape[-2], : y.shape[-1]], y, g, ig, rounding)
-        bits = -torch.log2(self.gaussian.likelihood(y_hat - mean, torch.exp(log_scale) * g)).sum()
-        return bits - torch.log2(self.prior.likelihood(z)).sum(), y_hat
+        return coded_bits(self, latents, quality, lambda v: v)[0]
 
     def rd_cost(self, latents, x, quality, size, rounding=None):
         """bits per pixel + λ·255²·MSE of batched latents: every latent quantized around its mean as the coder
         does, μ + rounding(y − μ) slice after slice (None: the latents are the decoded ones already)."""
-        bits, y_hat = self._coded_bits(latents, quality, rounding or (lambda v: v))
+        bits, y_hat = coded_bits(self, latents, quality, rounding or (lambda v: v))
         return self._rd(bits, y_hat, x, quality, size)
 
     @torch.no_grad()
@@ -161,20 +239,14 @@ class CtxModel(HyperModel):
         rounds y − μ around the exact integer means."""
         return self._encoded(latents["y"].double(), torch.round(latents["z"]), quality)
 
-    # z sets the means, so moving it moves where every latent rounds to: the hyper model's side search (rate
-    # alone, picture fixed) does not apply; the full search moves z with y. Measured for a re-rounding side
-    # search on 2 Kodak images: 0.16 s a step, and files 1.8 % smaller at quality 6 but 3.7 % larger at
-    # quality 2. Not used.
-    SIDE_KEYS = ()
-
-    # -- the integer chain (coding)
+    # -- the integer tables and networks (coding)
     @property
     def index_frac(self):
         """Fractional bits of the integer log-scales the table index is taken from."""
         return LOG_BITS
 
     def build_tables(self):
-        """The hyper model's tables (units of LOG_BITS) and the integer gains of every table quality."""
+        """The hyperprior's tables (units of LOG_BITS) and the integer gains of every table quality."""
         super().build_tables()
         g, ig = (t.detach().squeeze(-1).squeeze(-1).double().cpu() for t in self.gains(self.table_qualities()))
         self.gain_units = torch.round(g * 2.0**GAIN_BITS).to(torch.int64)
@@ -195,63 +267,14 @@ class CtxModel(HyperModel):
             log_scale[:, r : r + acc.shape[2]] = fixed_point(acc[0, m:], frac, LOG_BITS).to(torch.int64)
         return feats, log_scale
 
-    @staticmethod
-    def _int_context(net, x):
-        """A context network as an integer network on its float64 integer input (C, h, w) at ACT_BITS, in strips
-        of rows: (exact accumulator (C_out, h, w), its fractional bits)."""
-        convs, rows, parts = convs_of(net), x.shape[1], []
-        for r0 in range(0, rows, CONTEXT_ROWS):
-            a, b = max(r0 - 1, 0), min(r0 + CONTEXT_ROWS + 1, rows)
-            acc, frac = int_net(convs, x[None, :, a:b], ACT_BITS)
-            parts.append(acc[0, :, r0 - a : r0 - a + min(CONTEXT_ROWS, rows - r0)])
-        return torch.cat(parts, 1), frac
+    _int_context = staticmethod(int_context)  # a method, so tools/coding_report.py can clock it
 
-    def _chain(self, z_hat, quality, size, pick):
-        """The integer context chain: slice after slice (and within a slice, with a checkerboard, black squares then
-        white), the exact mean (MEAN_BITS fixed point, y units) and scale index of every latent; pick(a, b, mean,
-        index, where) gives the slice's integer symbols at the (h, w) mask `where` (None: all) — the encoder rounds,
-        the decoder reads. Returns the decoded latents μ + symbol in MEAN_BITS fixed point (int64)."""
-        stored_frac, step = self.index_units.tolist()
-        if stored_frac != LOG_BITS or step <= 0 or self.gain_units.numel() == 0:
-            raise ValueError("no integer tables (or built for other weights): rebuild the tables")
-        level, m = self.table_level(quality), self.cfg.M
-        gain, igain, offsets = (t[level].view(-1, 1, 1).cpu() for t in (self.gain_units, self.igain_units, self.index_offsets))
-        feats, log_scales = self._hyper_fixed(z_hat, size)
-        y = torch.zeros((m, *size), dtype=torch.int64)
-        inputs = torch.zeros((m, *size), dtype=torch.float64)  # ŷ · inverse gain at ACT_BITS: what the context sees
-        black = checkerboard(size)
-        for k, (a, b) in enumerate(self.bounds):
-            mean, log_scale = feats[a:b].double(), log_scales[a:b]
-            if k:
-                x = torch.cat([feats[a:b].double(), feats[m + a : m + b].double(), inputs[:a]])
-                mean, log_scale = self._refined(self.context[k - 1], x, mean, log_scale)
-            decoded = torch.zeros((b - a, *size), dtype=torch.int64)
-            for half, where in enumerate((black, ~black) if self.spatial else (None,)):
-                if half:  # white squares: refined from the black ones
-                    x = torch.where(black, unscaled(decoded, igain[a:b]), 0.0)
-                    mean, log_scale = self._refined(self.spatial[k], x, mean, log_scale)
-                mean_y = torch.div(mean.clamp(-ACT_MAX, ACT_MAX).to(torch.int64) * gain[a:b],
-                                   1 << (ACT_BITS + GAIN_BITS - MEAN_BITS), rounding_mode="floor")
-                index = torch.div(log_scale + offsets[a:b] + step // 2, step, rounding_mode="floor")
-                symbols = pick(a, b, mean_y, index.clamp_(0, GaussianConditional.LEVELS - 1).to(torch.uint8), where)
-                value = (mean_y + symbols.to(torch.int64) * (1 << MEAN_BITS)).clamp_(-VALUE_MAX, VALUE_MAX)
-                decoded = value if where is None else torch.where(where, value, decoded)
-            y[a:b] = decoded
-            inputs[a:b] = unscaled(decoded, igain[a:b])
-        return y
-
-    def _refined(self, net, x, mean, log_scale):
-        """Unscaled means (ACT_BITS, float64) and log-scales (LOG_BITS, int64) plus a context network's integer
-        output on x."""
-        acc, frac = self._int_context(net, x)
-        c = mean.shape[0]
-        return mean + fixed_point(acc[:c], frac, ACT_BITS), log_scale + fixed_point(acc[c:], frac, LOG_BITS).to(torch.int64)
-
+    # -- coding interface
     @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
     def latents(self, u, quality):
         """The whole image's unscaled latents (M, h, w) → {"y": decoded latents μ + round(y − μ) (float64, exact),
         "z": integer side latents}."""
-        y = (u[None] * self.gains(quality)[0].to(u.device))[0].cpu().double()
+        y = self.scaled(u[None], quality)[0].cpu().double()
         return self._encoded(y, self.side_latents(u[None])[0].cpu(), quality)
 
     def _encoded(self, y, z, quality):
@@ -265,7 +288,7 @@ class CtxModel(HyperModel):
             coded.append((masked(symbols, where), masked(index, where)))
             return symbols
 
-        latents = {"y": self._chain(z[None], quality, y.shape[1:], rounding).double() / 2.0**MEAN_BITS, "z": z}
+        latents = {"y": integer_chain(self, z[None], quality, y.shape[1:], rounding).double() / 2.0**MEAN_BITS, "z": z}
         self._coded = (latents["y"], latents["y"]._version, z, z._version, quality, coded)
         return latents
 
@@ -284,7 +307,7 @@ class CtxModel(HyperModel):
             coded.append((masked(symbols, where), masked(index, where)))
             return symbols
 
-        self._chain(latents["z"][None], quality, y.shape[1:], given)
+        integer_chain(self, latents["z"][None], quality, y.shape[1:], given)
         return coded
 
     def write_latents(self, latents, quality, encode):
@@ -309,42 +332,32 @@ class CtxModel(HyperModel):
             symbols[:, where] = values
             return symbols
 
-        return {"y": self._chain(z[None], quality, shape[1:], read).double() / 2.0**MEAN_BITS, "z": z}
+        return {"y": integer_chain(self, z[None], quality, shape[1:], read).double() / 2.0**MEAN_BITS, "z": z}
 
-    def likelihoods(self, y_hat, quality, z_hat):
-        """Likelihoods of decoded latents (1, M, h, w) under the integer means and table scales, and of z_hat."""
+    def likelihoods(self, latents, quality):
+        """Likelihoods of decoded latents {"y": (1, M, h, w), "z": …} under the integer means and table scales,
+        and of the side latents."""
         scales = GaussianConditional.table_scales().to(torch.float32)
-        parts = self._symbols({"y": y_hat[0].cpu(), "z": z_hat[0].cpu()}, quality)
+        parts = self._symbols({k: v[0].cpu() for k, v in latents.items()}, quality)
         lik = torch.cat([self.gaussian.likelihood(s.float(), scales[index.long()]).reshape(-1) for s, index in parts])
-        return [lik.view(1, -1, 1, 1).to(y_hat.device), self.prior.likelihood(z_hat)]
+        return [lik.view(1, -1, 1, 1).to(latents["y"].device), self.prior.likelihood(latents["z"])]
 
     def evaluate(self, x, quality):
         """Real-coding pass (validation): the coder's integer means and scale indices, per sample."""
-        ig = self.gains(quality)[1]
         u = self.g_a(x)
         self.build_tables()  # the weights move during training: tables of the current ones
         decoded = [self.latents(u[i], float(q)) for i, q in enumerate(quality.tolist())]
         y_hat = torch.stack([d["y"] for d in decoded]).to(x.device, torch.float32)
-        per_sample = [self.likelihoods(y_hat[i : i + 1], float(q), d["z"][None].to(x.device))
+        per_sample = [self.likelihoods({"y": y_hat[i : i + 1], "z": d["z"][None].to(x.device)}, float(q))
                       for i, (q, d) in enumerate(zip(quality.tolist(), decoded))]
         lik = [torch.cat(parts) for parts in zip(*per_sample)]
-        return {"x_hat": self.g_s(y_hat * ig.to(x.device)), "likelihoods": lik}
+        return {"x_hat": self.g_s(y_hat * self.gains(quality)[1].to(x.device)), "likelihoods": lik}
 
     @torch.no_grad()
     def adopt(self, source):
-        """Copy what fits of another model; from a scale hyperprior (hyper), h_a's |u| half and h_s' log-scale
-        half too, the means starting at zero, so the new model starts coding exactly as the old one."""
+        """Copy what fits of another model (TransformCodec.adopt); from a scale hyperprior (hyper), its h_a and h_s
+        too (embed_scale_hyperprior), so the new model starts coding exactly as the old one."""
         skipped = super().adopt(source)
-        m = self.cfg.M
-        first, last = source.h_a[0].weight, source.h_s[-1].weight
-        if first.shape[1] == m and last.shape[0] == m:
-            self.h_a[0].weight.zero_()
-            self.h_a[0].weight[:, m:] = first
-            self.h_a[0].bias.copy_(source.h_a[0].bias)
-            self.h_s[-1].weight.zero_()
-            self.h_s[-1].weight[m:] = last
-            self.h_s[-1].bias.zero_()
-            self.h_s[-1].bias[m:] = source.h_s[-1].bias
-            skipped = [k for k in skipped if k not in ("h_a.0.weight", "h_s.4.weight", "h_s.4.bias")]
+        filled = embed_scale_hyperprior(self, source)
         self.build_tables()
-        return skipped
+        return [k for k in skipped if k not in filled]

@@ -1,5 +1,6 @@
 """Layers the transforms share: simplified GDN, stride-2 (transposed) convolutions, the sub-pixel rewrite of
-the last synthesis layer, and widening a transform without changing what it computes."""
+the last synthesis layer, the colour + Haar wavelet start of a fresh transform pair, and widening a transform
+without changing what it computes."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,7 +62,8 @@ def widen(narrow, wide, prefix=""):
     and the new channels keep their fresh initialisation (their outputs are not read yet, but they learn).
     Returns the names of the parameters embedded."""
     names = []
-    for i, (a, b) in enumerate(zip(narrow, wide)):
+    for i, a in narrow.named_children():  # by name: a wide model may hold layers the narrow one lacks
+        b = getattr(wide, i)
         if isinstance(a, GDN):
             pairs, inputs = [(a.gamma, b.gamma), (a.beta, b.beta)], 1
         elif isinstance(a, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -81,3 +83,47 @@ def widen(narrow, wide, prefix=""):
             dst[tuple(slice(0, n) for n in src.shape)] = src
         names += [f"{prefix}{i}.{n}" for n in (("gamma", "beta") if isinstance(a, GDN) else ("weight", "bias"))]
     return names
+
+
+@torch.no_grad()
+def wavelet_start(g_a, g_s, x):
+    """Start a GDN transform pair as an orthonormal colour + Haar wavelet codec fitted to sample crops x.
+
+    Each stride-2 layer begins as a 2×2 Haar step on the previous layer's most energetic outputs,
+    keeping as many of the new sub-bands (largest energy on x first) as it has channels; the
+    synthesis layers start as the exact adjoints (= inverses), GDNs as near-identity. The model
+    thus codes like a wavelet codec at step 0 and training only has to improve on that, which on a
+    CPU budget converges far faster than from random weights.
+    """
+    haar = torch.tensor([[[1, 1], [1, 1]], [[1, -1], [1, -1]], [[1, 1], [-1, -1]], [[1, -1], [-1, 1]]],
+                        device=x.device) / 2.0
+    colour = torch.tensor([[1, 1, 1], [1, -1, 0], [1, 1, -2]], device=x.device)
+    colour = colour / torch.tensor([3, 2, 6], device=x.device).sqrt().view(3, 1)
+    downs = [m for m in g_a if isinstance(m, nn.Conv2d)]
+    ups = [m for m in g_s if isinstance(m, nn.ConvTranspose2d)][::-1]
+    basis = torch.einsum("ij,bkl->bijkl", colour, haar).reshape(12, 3, 2, 2)  # level 1: (band × colour, RGB, 2, 2)
+    inputs = list(range(3))  # meaningful input channels of the current layer
+    h = x
+    for conv, deconv in zip(downs, ups):
+        k = conv.kernel_size[0] // 2
+        cand = torch.zeros(len(basis) if conv is downs[0] else 4 * len(inputs), conv.in_channels, *conv.kernel_size,
+                           device=x.device)
+        if conv is downs[0]:
+            cand[:, :, k : k + 2, k : k + 2] = basis
+        else:
+            for b in range(4):
+                for j, c in enumerate(inputs):
+                    cand[b * len(inputs) + j, c, k : k + 2, k : k + 2] = haar[b]
+        energy = F.conv2d(h, cand, stride=2, padding=k).pow(2).mean(dim=(0, 2, 3))
+        keep = torch.argsort(energy, descending=True)[: conv.out_channels]
+        weight = conv.weight.mul_(0.01)  # spare channels start small but alive (zero would stay zero)
+        weight[: len(keep)] = cand[keep]
+        conv.bias.zero_()
+        deconv.weight.copy_(weight)
+        deconv.bias.zero_()
+        inputs = list(range(len(keep)))
+        h = conv(h)
+    for m in [*g_a, *g_s]:
+        if isinstance(m, GDN):
+            m.beta.fill_(1.0)
+            m.gamma.copy_(1e-3 * torch.eye(m.gamma.shape[0], device=x.device).view_as(m.gamma))

@@ -13,7 +13,8 @@ from checkpoint import load_checkpoint
 from codec import compress, decompress, read_latents
 from conftest import TINY_CTX, TINY_HYPER, photo_like
 from model import CtxConfig, CtxModel, build_model
-from models.context import MEAN_BITS
+from models.context import MEAN_BITS, float_chain, integer_chain
+from models.residual import ResBottleneck, ResCtxConfig
 from quantize import GaussianConditional
 
 
@@ -34,7 +35,7 @@ def chain_means(m, lat, quality):
         means[a:b][:, keep], indices[a:b][:, keep] = mean[:, keep], index.long()[:, keep]
         return torch.round(lat["y"][a:b] - mean)
 
-    m._chain(lat["z"][None], quality, lat["y"].shape[1:], record)
+    integer_chain(m, lat["z"][None], quality, lat["y"].shape[1:], record)
     return means, indices
 
 
@@ -46,7 +47,7 @@ def integer_and_float(m, u, quality):
     g, ig = m.gains(quality)
     with torch.no_grad():
         h = m.h_s(lat["z"][None])[..., : u.shape[1], : u.shape[2]]
-        mean_f, log_scale, _ = m._slices(h, lat["y"][None].float(), g, ig)
+        mean_f, log_scale, _ = float_chain(m, h, lat["y"][None].float(), g, ig)
         log_s = log_scale + g.log()
     ref = torch.round((log_s - np.log(GaussianConditional.SCALE_MIN)) / GaussianConditional.log_step())
     return mean_i, index_i, mean_f[0].double(), ref[0].clamp(0, GaussianConditional.LEVELS - 1)
@@ -158,3 +159,23 @@ def test_under_bf16_autocast_only_the_transforms_lose_precision():
             out = m(x, quality, noise)
         assert out["x_hat"].dtype == torch.float32 and all(lik.dtype == torch.float32 for lik in out["likelihoods"])
         assert torch.allclose(m.loss(x, out, quality)[0], ref, rtol=0.01)
+
+
+def test_resctx_starts_from_ctx_as_the_same_codec(ctx_ckpt):
+    """The model of one more file (models/residual.py) adopts a ctx checkpoint and codes exactly as it does (the
+    files differ in the kind byte and the checksum only, the pictures not at all); its residual blocks, which
+    start as the identity, receive gradients from the first step."""
+    ctx, _ = load_checkpoint(ctx_ckpt)
+    fields = {k: v for k, v in dataclasses.asdict(ctx.cfg).items() if k != "kind"}
+    res = build_model(ResCtxConfig(**fields, blocks=(1, 1, 2)))
+    assert res.adopt(ctx) == [] and sum(isinstance(m, ResBottleneck) for m in res.modules()) == 8
+    res.eval()
+    rgb = photo_like(64, 96, 8)
+    a, b = compress(ctx, b"nnnn", rgb, quality=5), compress(res, b"nnnn", rgb, quality=5)
+    assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 5
+    assert np.array_equal(decompress(ctx, b"nnnn", a)[0], decompress(res, b"nnnn", b)[0])
+    res.train()
+    x = torch.rand(2, 3, 64, 64)
+    quality, noise = res.draw_randomness(torch.tensor([1, 2]), 64)
+    res.loss(x, res(x, quality, noise), quality)[0].backward()
+    assert all(m.body[-1].weight.grad.abs().sum() > 0 for m in res.modules() if isinstance(m, ResBottleneck))
