@@ -1,10 +1,61 @@
-"""Random crops of photos for training (decoded once with imagefiles.read_rgb and kept in RAM; OpenCV resizing)."""
+"""Random crops of photos for training (decoded once with imagefiles.read_rgb and kept in RAM; OpenCV resizing),
+and photo packs: a training set as one file, to carry to a machine that has no copy of it."""
+import functools
+import io
+import os
+from typing import NamedTuple
+
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from imagefiles import read_rgb
+from imagefiles import list_images, read_rgb
+
+PACK_SUFFIX = ".npz"
+
+
+def pack_photos(paths, out, max_bytes, max_side=512, quality=90):
+    """As many of the photos (in the given order) as fit max_bytes, each as JPEG bytes at its long side ≤ max_side
+    (what CropDataset keeps anyway), into one .npz of two uint8 / int64 arrays; returns how many went in."""
+    blobs, total = [], 0
+    for path in paths:
+        buf = io.BytesIO()
+        Image.fromarray(read_rgb(path, max_side)).save(buf, "JPEG", quality=quality, subsampling=0)
+        if total + buf.tell() > max_bytes:
+            break
+        blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+        total += buf.tell()
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    np.savez(out, data=np.concatenate(blobs) if blobs else np.zeros(0, np.uint8), offsets=offsets)
+    return len(blobs)
+
+
+@functools.lru_cache(maxsize=4)
+def _pack(path):
+    """The (data, offsets) arrays of a photo pack, read once."""
+    with np.load(path) as f:
+        return f["data"], f["offsets"]
+
+
+class PackedPhoto(NamedTuple):
+    """One photo of a pack file (sortable and picklable like a path)."""
+
+    pack: str
+    index: int
+
+    def read(self, max_side=None):
+        """The photo as uint8 RGB (H, W, 3), long side ≤ max_side."""
+        data, offsets = _pack(self.pack)
+        return read_rgb(io.BytesIO(data[offsets[self.index] : offsets[self.index + 1]].tobytes()), max_side)
+
+
+def photo_sources(where):
+    """The photos of a folder (searched recursively) or of a pack file (PACK_SUFFIX); [] when there are none."""
+    if os.path.isfile(where) and where.endswith(PACK_SUFFIX):
+        return [PackedPhoto(where, i) for i in range(len(_pack(where)[1]) - 1)]
+    return list_images(where) if os.path.isdir(where) else []
 
 
 class CropDataset(Dataset):
@@ -19,7 +70,8 @@ class CropDataset(Dataset):
 
     def __init__(self, paths, crop=128, max_side=512, min_scale=0.5):
         self.crop, self.min_scale = crop, min_scale
-        self.images = [img for img in (read_rgb(p, max_side) for p in paths) if min(img.shape[:2]) >= 16]
+        read = lambda p: p.read(max_side) if isinstance(p, PackedPhoto) else read_rgb(p, max_side)  # noqa: E731
+        self.images = [img for img in map(read, paths) if min(img.shape[:2]) >= 16]
         if not self.images:
             raise ValueError("no usable images (all unreadable or smaller than 16 px)")
 

@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, save_checkpoint
-from dataset import CropDataset, LatentBank, on_device, split_paths
-from imagefiles import list_images
+from dataset import CropDataset, LatentBank, on_device, photo_sources, split_paths
 from model import KINDS, CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model
 from models.base import geometric_ladder
 from runtime import HelpFormatter, cpu_has_bf16, keep_freed_memory, resolve_device
@@ -51,7 +50,8 @@ def parse_args(argv=None):
                         "hyper = the same with a scale hyperprior, ctx = with a mean-scale hyperprior and "
                         "channel-wise context (start it from a hyper checkpoint with --init), resctx = ctx with residual "
                         "blocks in its transforms (start it from a ctx checkpoint with --init)")
-    p.add_argument("--train-dir", default="data/train", help="folder of training photos (searched recursively)")
+    p.add_argument("--train-dir", default="data/train",
+                   help="folder of training photos (searched recursively), or a photo pack (.npz, tools/gpu_bundle.py)")
     p.add_argument("--val-dir", default="data/val",
                    help="folder of validation photos; if missing or empty, --val-fraction of the training set is held out")
     p.add_argument("--val-fraction", type=float, default=0.02, help="share of training photos held out when there is no --val-dir")
@@ -62,6 +62,9 @@ def parse_args(argv=None):
                    help="random crops of each photo per epoch (raise it on a GPU: fewer loader restarts and validations)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
     p.add_argument("--max-minutes", type=float, default=0, help="wall-clock budget over all resumed runs (0 = no limit)")
+    p.add_argument("--session-minutes", type=float, default=0,
+                   help="stop this process after this many minutes, resumable (a burst on a lent machine); "
+                        "--max-minutes still sets the learning-rate schedule over all runs (0 = no limit)")
     p.add_argument("--batch-size", type=int, default=8, help="crops per step")
     p.add_argument("--crop", type=int, default=128, help="crop side in pixels")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 seed, 1e-3 rd)")
@@ -163,12 +166,12 @@ def photos(n):
 
 def make_data(args):
     """Training and validation datasets, with a clear error when the folders are empty."""
-    train_paths = list_images(args.train_dir) if os.path.isdir(args.train_dir) else []
+    train_paths = photo_sources(args.train_dir)
     if not train_paths:
         sys.exit(f"error: no training images in {args.train_dir!r}. Put photos (PNG/JPEG) there, e.g.\n"
                  f"  mkdir -p data && cp -r /path/to/photos data/train\n"
-                 f"or pass --train-dir DIR.")
-    val_paths = list_images(args.val_dir) if os.path.isdir(args.val_dir) else []
+                 f"or pass --train-dir DIR (or a photo pack, tools/gpu_bundle.py).")
+    val_paths = photo_sources(args.val_dir)
     if not val_paths:
         train_paths, val_paths = split_paths(train_paths, args.val_fraction, args.seed)
         val_paths = val_paths or train_paths[:1]
@@ -393,7 +396,7 @@ def setup(args):
     """Device, process group, data, model (fresh, resumed or initialised), optimizer; returns (Run, state, data)."""
     args.name = args.name or (f"seed_{args.arch}" if args.arch in SEED_ARCHS else args.arch)
     args.out = args.out or os.path.join("runs", args.name)
-    args.epochs = args.epochs or (10**9 if args.max_minutes or args.max_steps else 100)  # a budget alone decides
+    args.epochs = args.epochs or (10**9 if args.max_minutes or args.max_steps or args.session_minutes else 100)  # a budget alone decides
     if args.seed_noise and args.arch not in SEED_ARCHS:
         sys.exit("error: --seed-noise applies to the seed models (resnet18/34/50/101) only")
     args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)
@@ -531,6 +534,7 @@ def main(argv=None):
     start, last_ckpt, budget = time.time() - state["elapsed"], time.time(), args.max_minutes * 60
     start_cpu = state.setdefault("cpu", 0.0) - time.process_time()  # resume states older than the CPU clock lack it
     done, window, t_log = False, {}, time.time()  # window: sums of the steps since the last log line
+    session_end = time.time() + args.session_minutes * 60 if args.session_minutes else math.inf
     while state["epoch"] < args.epochs and not done:
         sums = {}
         loader = epoch_loader(train_set, state, args, run.rank, run.world)
@@ -555,7 +559,8 @@ def main(argv=None):
             if run.rank == 0 and state["step"] % args.log_every == 0:
                 write_log_line(run.log_path, state, lr, window, time.time() - t_log, args.batch_size)
                 window, t_log = {}, time.time()
-            if (args.max_steps and state["step"] >= args.max_steps) or (budget and state["elapsed"] >= budget):
+            if (args.max_steps and state["step"] >= args.max_steps) or (budget and state["elapsed"] >= budget) \
+                    or time.time() >= session_end:
                 done = True
                 break
             if run.rank == 0 and time.time() - last_ckpt > args.ckpt_minutes * 60:
@@ -567,7 +572,7 @@ def main(argv=None):
         if run.rank == 0:
             end_of_epoch(run.model, run.opt, state, args, val_set, run.vgg, sums)
             last_ckpt = time.time() if state["epoch"] % 5 == 0 else last_ckpt
-    finish(run, state, args)
+    finish(run, state, args, time.time() >= session_end)
 
 
 def check_warmup(state, args, budget):
@@ -579,8 +584,10 @@ def check_warmup(state, args, budget):
               f"warm-up (lower --warmup, e.g. to {max(1, int(expected / 20))})")
 
 
-def stop_reason(state, args):
+def stop_reason(state, args, session_over=False):
     """Why the run ended, in words (and whether its learning-rate schedule finished)."""
+    if session_over:
+        return f"--session-minutes {args.session_minutes:g} used (continue with --resume)"
     if args.max_steps and state["step"] >= args.max_steps:
         return f"--max-steps {args.max_steps} reached"
     if args.max_minutes and state["elapsed"] >= args.max_minutes * 60:
@@ -589,11 +596,11 @@ def stop_reason(state, args):
     return f"--epochs {args.epochs} done{left}" + ("; the learning-rate schedule did not finish" if left else "")
 
 
-def finish(run, state, args):
+def finish(run, state, args, session_over=False):
     """Final checkpoint (rank 0), why the run stopped, and leaving the process group."""
     if run.rank == 0:
         save_all(run.model, run.opt, state, args)
-        print(f"stopped: {stop_reason(state, args)}; saved {os.path.join(args.out, args.name)}.pt at step {state['step']} "
+        print(f"stopped: {stop_reason(state, args, session_over)}; saved {os.path.join(args.out, args.name)}.pt at step {state['step']} "
               f"({state['elapsed'] / 60:.1f} min in all, {state['skipped']} spiking batches skipped)")
         if math.isfinite(state["best_val"]):
             print(f"best validation loss {state['best_val']:.5f}: {os.path.join(args.out, args.name)}_best.pt")

@@ -265,3 +265,37 @@ def test_amp_on_a_cpu_needs_native_bf16(monkeypatch):
     with pytest.raises(SystemExit, match="CUDA only"):
         train.mixed_precision(Namespace(amp="fp16", device="cpu"))
     assert not train.mixed_precision(Namespace(amp="off", device="cpu"))[0]._enabled
+
+
+def test_gpu_bundle_bursts_and_continues(photos, tmp_path):
+    """tools/gpu_bundle.py packs code, start checkpoint and photos; burst.sh trains from the folder alone (here on
+    the CPU, tiny), splits the files it leaves, and a second burst given those parts continues the run exactly."""
+    start, bundle = tmp_path / "start", tmp_path / "bundle"
+    tiny = ["--arch", "ctx", "--rd-channels", "8,16,4", "--crop", "32", "--batch-size", "2", "--threads", "1"]
+    assert train(*tiny, "--train-dir", photos, "--out", str(start), "--max-steps", "1").returncode == 0
+    flags = " ".join(tiny + ["--device", "cpu", "--val-dir", "none", "--workers", "0", "--max-steps", "2"])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_bundle.py"), "--init", str(start / "ctx.pt"),
+                        "--train-dir", photos, "--out", str(bundle), "--max-mb", "2", "--part-mb", "0.05",
+                        "--flags", flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "6 of 6 photos" in r.stdout, r.stderr
+    assert sorted(os.listdir(bundle)) == ["burst.sh", "code.tar.gz", "photos.npz", "start.pt"]
+    burst = lambda out, *more: subprocess.run(["sh", str(bundle / "burst.sh"), str(out), *more], cwd=tmp_path,  # noqa: E731
+                                              capture_output=True, text=True, timeout=300)
+    r = burst(tmp_path / "o1")
+    assert r.returncode == 0, r.stderr
+    parts = sorted(f for f in os.listdir(tmp_path / "o1") if f.startswith("burst_resume.pt.part"))
+    assert len(parts) > 1 and all(os.path.getsize(tmp_path / "o1" / f) <= 0.05 * 2**20 for f in parts)
+    assert load_checkpoint(joined(tmp_path / "o1", "burst.pt"))[1]["step"] == 2
+    for f in parts:
+        (bundle / f).write_bytes((tmp_path / "o1" / f).read_bytes())
+    r = burst(tmp_path / "o2", "--max-steps", "3")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    assert load_checkpoint(joined(tmp_path / "o2", "burst.pt"))[1]["step"] == 3
+
+
+def joined(folder, name):
+    """The path of a file a burst left, its parts joined first when it was split."""
+    parts = sorted(f for f in os.listdir(folder) if f.startswith(name + ".part"))
+    if parts:
+        (folder / name).write_bytes(b"".join((folder / f).read_bytes() for f in parts))
+    return str(folder / name)

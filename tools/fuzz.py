@@ -5,7 +5,8 @@ memory past -rss_limit_mb):
 
   decode     .qae file → decompress with the shipped rd / hyper / seed weights or a small seeded ctx
              model (by the file's kind byte), every coder and format version: an image of the declared
-             size or FormatError. The harness writes the loaded model's identity and a fresh CRC into
+             size or FormatError; and a current-version ANS payload that decodes is exactly the one the
+             encoder writes for the decoded latents (a damaged payload never decodes to a picture). The harness writes the loaded model's identity and a fresh CRC into
              every input, so mutations reach the payload decoders; declared sizes are capped at
              FUZZ_PIXELS (decoding needs memory in proportion to the declared size).
   container  encrypted container → encryption.decrypt: bytes or DecryptionError.
@@ -95,9 +96,14 @@ def decode_target(codec):
             rgb, mode, alpha = codec.decompress(m, mid, data, max_pixels=FUZZ_PIXELS)
         except codec.FormatError:
             return
-        header = codec.unpack(data)[0]
+        header, payload, _ = codec.unpack(data)
         assert rgb.shape == (header["height"], header["width"], 3) and mode == header["mode"]
         assert alpha is None or alpha.shape == rgb.shape[:2]
+        if header["coder"] == "constriction":  # ANS, format version 4
+            # A damaged payload that decodes is a garbage picture: what decodes must be exactly what the
+            # encoder writes for those latents (ANS ends where its symbols end, so the stream is canonical).
+            _, latents, quality = codec.read_latents(m, mid, data, max_pixels=FUZZ_PIXELS)
+            assert m.write_latents(latents, quality, codec.encoder_of("constriction")) == payload, "non-canonical payload"
 
     return one
 
