@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
     p.add_argument("--max-minutes", type=float, default=0, help="wall-clock budget over all resumed runs (0 = no limit)")
     p.add_argument("--session-minutes", type=float, default=0,
-                   help="stop this process after this many minutes, resumable (a burst on a lent machine); "
+                   help="stop this process after this many minutes, resumable (a short burst on a GPU machine); "
                         "--max-minutes still sets the learning-rate schedule over all runs (0 = no limit)")
     p.add_argument("--batch-size", type=int, default=8, help="crops per step")
     p.add_argument("--crop", type=int, default=128, help="crop side in pixels")
