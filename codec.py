@@ -13,9 +13,12 @@ fixed tables), so no latent is ever clamped. The hyper payload holds the side la
 The ctx payload holds z the same way, then slice after slice the symbols round(y − μ) coded like the
 hyper latents, their means μ and scale indices computed by the integer networks from z and the slices
 before (kind 3 is read by this build only: older builds reject it as an unknown kind).
-Version 4 codes with constriction's ANS coder (faster than its range coder both ways, same size);
-versions 2 and 3 (range coder; hyper payloads only from 3) are still read. Version 1 (one table for
-all qualities, clamped tails) is no longer read.
+Version 5 codes the image in independent tiles of TILE pixels (each tile's latents as their own
+payload, behind a table of the tiles' lengths), so that coding and decoding hold one row of tiles
+at a time whatever the image size; the synthesis still sees its neighbours' latents (HALO), so
+tile edges do not show. Version 4 (one tile: the whole image) codes with constriction's ANS coder
+(faster than its range coder both ways, same size); versions 2 and 3 (range coder; hyper payloads
+only from 3) are still read. Version 1 (one table for all qualities, clamped tails) is no longer read.
 
 Reading never trusts the file: every size is checked against the data and against limits before
 anything is allocated, and any inconsistency raises FormatError with a one-line reason.
@@ -35,7 +38,7 @@ from effort import refine, steps_of
 from quantize import PRECISION, DecodeError
 # The file format lives apart so that reading a header needs no PyTorch; codec's users find it here too.
 from fileformat import (CODERS, HEADER, HEADER_BYTES, KINDS, MAGIC, MAX_PIXELS, RANGE_CODER, READS,  # noqa: F401
-                        VERSION, FormatError, pack, unpack)
+                        VERSION, FormatError, join_tiles, pack, split_tiles, unpack)
 
 
 # ----------------------------------------------------------------------------- entropy coders
@@ -182,7 +185,8 @@ def entropy_decode(data, tables, counts, coder):
 
 
 # ----------------------------------------------------------------------------- image ↔ bytes
-TILE = 1024  # pixels: larger images are coded in overlapping tiles, which bounds memory
+TILE = 1024  # pixels: the side of the independent tiles an image is coded in, which bounds coding memory
+MIN_TILE, MAX_TILE = 256, 1024  # the tile sides (pixels) a reader accepts: bounds on work per tile and memory
 HALO = 64  # pixels of context on each side of a tile (≥ the rd analysis transform's 61-px receptive field)
 
 
@@ -191,55 +195,85 @@ def _spans(n, tile, halo):
     return [(a, min(a + tile, n), max(0, a - halo), min(n, a + tile + halo)) for a in range(0, n, tile)]
 
 
+def tile_grid(shape, tile):
+    """The latent spans ((r0, r1), (c0, c1)) of the tiles of latents of shape (C, h, w), row after row."""
+    rows, cols = (_spans(n, tile, 0) for n in shape[1:])
+    return [[((r0, r1), (c0, c1)) for c0, c1, _, _ in cols] for r0, r1, _, _ in rows]
+
+
 def _device(model):
     """The device the model's weights are on."""
     return next(model.parameters()).device
 
 
-def analysis_of(model, rgb):
-    """The model's analysis output of an image (C, h, w) on the CPU.
+def _analysed(model, rgb, rows, cols):
+    """The model's analysis output (C, r1 − r0, c1 − c0) of the latent rows × cols of an image (on the CPU), from
+    its pixels with HALO pixels of context; the image is replicate-padded to a multiple of the stride."""
+    s = model.stride
+    ph, pw = (-(-n // s) * s for n in rgb.shape[:2])
+    ya, yb, xa, xb = max(0, rows[0] * s - HALO), min(ph, rows[1] * s + HALO), max(0, cols[0] * s - HALO), min(pw, cols[1] * s + HALO)
+    x = torch.from_numpy(np.array(rgb[ya:yb, xa:xb]))  # a copy: Pillow arrays are read-only
+    x = x.permute(2, 0, 1)[None].float() / 255.0
+    x = F.pad(x, (0, xb - xa - x.shape[-1], 0, yb - ya - x.shape[-2]), mode="replicate")
+    x = x.to(_device(model)).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        u = model.analyse(x)[0].cpu()
+    return u[:, rows[0] - ya // s : rows[1] - ya // s, cols[0] - xa // s : cols[1] - xa // s]
 
-    The image is replicate-padded to a multiple of the stride and, when large, encoded in tiles with
-    HALO pixels of context, so peak memory stays bounded for any image size.
-    """
-    s, device = model.stride, _device(model)
-    h, w = rgb.shape[:2]
-    ph, pw = -(-h // s) * s, -(-w // s) * s
-    out = None
-    for y0, y1, ya, yb in _spans(ph, TILE, HALO):
-        for x0, x1, xa, xb in _spans(pw, TILE, HALO):
-            x = torch.from_numpy(np.array(rgb[ya:yb, xa:xb]))  # a copy: Pillow arrays are read-only
-            x = x.permute(2, 0, 1)[None].float() / 255.0
-            x = F.pad(x, (0, xb - xa - x.shape[-1], 0, yb - ya - x.shape[-2]), mode="replicate")
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                y = model.analyse(x)[0].cpu()
-            if out is None:
-                out = torch.empty((y.shape[0], ph // s, pw // s), dtype=y.dtype)
-            out[:, y0 // s : y1 // s, x0 // s : x1 // s] = y[:, (y0 - ya) // s : (y1 - ya) // s, (x0 - xa) // s : (x1 - xa) // s]
-    return out
+
+def analysis_of(model, rgb):
+    """The model's analysis output of a whole image (C, h, w) on the CPU, computed tile by tile."""
+    shape = model.latent_shape(*rgb.shape[:2])
+    return torch.cat([torch.cat([_analysed(model, rgb, rows, cols) for rows, cols in row], 2)
+                      for row in tile_grid(shape, TILE // model.stride)], 1)
 
 
 def latents_of(model, rgb, quality, u=None):
-    """Integer latents of an image as the model's dict ("y" (C, h, w), and whatever else it codes), on the CPU;
-    quality as the model's quality_of returns it; u: the analysis output on the model's device, if at hand."""
+    """Integer latents of an image as the model's dict ("y" (C, h, w), and whatever else it codes), on the CPU, as
+    one tile (the format before version 5); quality as the model's quality_of returns it; u: the analysis
+    output on the model's device, if at hand."""
     u = analysis_of(model, rgb).to(_device(model)) if u is None else u
     return {k: v.cpu() for k, v in model.latents(u, quality).items()}
 
 
+def _synthesized(model, band, top, rows, height, width, quality):
+    """uint8 RGB (≤ height, width, 3) of `rows` latent rows of a band of latents (C, top + rows + below, w), the
+    rows above and below being context; in TILE-wide tiles with HALO of context."""
+    s, device = model.stride, _device(model)
+    out = np.empty((min(rows * s, height), width, 3), np.uint8)
+    for x0, x1, xa, xb in _spans(band.shape[2], TILE // s, HALO // s):
+        z = band[None, :, :, xa:xb].float().to(device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            x = model.synthesize(z, quality)
+        x = x[0, :, top * s : (top + rows) * s, (x0 - xa) * s : (x1 - xa) * s]
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        ww = min(x1 * s, width) - x0 * s
+        out[:, x0 * s : x0 * s + ww] = x[: out.shape[0], :ww]
+    return out
+
+
+def _strips(model, latent_rows, height, width, quality):
+    """(first pixel row, uint8 RGB strip) of an image from its latents given as (first latent row, rows (C, r, w))
+    top to bottom: each synthesized with HALO of context from the rows before and after, so only three are held."""
+    hl, before, rows = HALO // model.stride, None, iter(latent_rows)
+    current = next(rows, None)
+    while current is not None:
+        following = next(rows, None)
+        r0, y = current
+        above = y[:, :0] if before is None else before
+        below = y[:, :0] if following is None else following[1][:, :hl]
+        band = torch.cat([above, y, below], 1)
+        yield r0 * model.stride, _synthesized(model, band, above.shape[1], y.shape[1], height - r0 * model.stride,
+                                              width, quality)
+        before, current = y[:, -hl:], following
+
+
 def image_of(model, latents, height, width, quality):
-    """Reconstruct uint8 RGB (H, W, 3) from a latents dict, rounding and clamping; tiled when large."""
-    s, device, y = model.stride, _device(model), latents["y"]
+    """Reconstruct uint8 RGB (H, W, 3) from a whole image's latents dict, rounding and clamping; in tiles."""
+    y, t = latents["y"], TILE // model.stride
     out = np.empty((height, width, 3), np.uint8)
-    for y0, y1, ya, yb in _spans(y.shape[1], TILE // s, HALO // s):
-        for x0, x1, xa, xb in _spans(y.shape[2], TILE // s, HALO // s):
-            z = y[None, :, ya:yb, xa:xb].float().to(device).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                x = model.synthesize(z, quality)
-            x = x[0, :, (y0 - ya) * s : (y1 - ya) * s, (x0 - xa) * s : (x1 - xa) * s]
-            x = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            hh, ww = min(y1 * s, height) - y0 * s, min(x1 * s, width) - x0 * s
-            out[y0 * s : y0 * s + hh, x0 * s : x0 * s + ww] = x[:hh, :ww]
+    for r, strip in _strips(model, ((r, y[:, r : r + t]) for r in range(0, y.shape[1], t)), height, width, quality):
+        out[r : r + strip.shape[0]] = strip
     return out
 
 
@@ -254,36 +288,41 @@ def encoder_of(coder):
 def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="constriction", effort=0,
              progress=None):
     """Image (uint8 H×W×3, original mode, optional H×W alpha) → file bytes; quality as the model takes it.
-    effort > 0 searches for cheaper latents (effort.py; `progress(done, total)` after each step)."""
+    The image is coded in independent TILE-pixel tiles; effort > 0 searches each for cheaper latents
+    (effort.py). `progress(done, total)` is called after each search step and each tile."""
     h, w = rgb.shape[:2]
     if not (1 <= h <= 0xFFFF and 1 <= w <= 0xFFFF):
         raise ValueError(f"image of {w}×{h} pixels: each side must be 1 … 65535")
-    encode, _ = encoder_of(coder), steps_of(effort)
+    encode, (full, side) = encoder_of(coder), steps_of(effort, bool(model.SIDE_KEYS))
     param = model.rate_param(quality)
-    quality = model.quality_of(param)
-    u = analysis_of(model, rgb).to(_device(model))  # kept: the search starts from it before rounding
-    latents = latents_of(model, rgb, quality, u)
-    if effort:
-        latents = refine(model, latents, model.relaxed_latents(u, quality), rgb, quality, effort, progress)
-    payload = model.write_latents(latents, quality, encode)
+    quality, s, tile = model.quality_of(param), model.stride, TILE // model.stride
+    shape = model.latent_shape(h, w)
+    tiles = [t for row in tile_grid(shape, tile) for t in row]
+    work, parts = full + side + 1, []  # per tile: its search steps, then its coding
+    tick = progress or (lambda done, total: None)
+    for k, (rows, cols) in enumerate(tiles):
+        u = _analysed(model, rgb, rows, cols).to(_device(model))
+        latents = {key: v.cpu() for key, v in model.latents(u, quality).items()}
+        if effort:
+            crop = rgb[rows[0] * s : rows[1] * s, cols[0] * s : cols[1] * s]
+            step = lambda d, n, k=k: tick(k * work + d, len(tiles) * work)  # noqa: E731
+            latents = refine(model, latents, model.relaxed_latents(u, quality), crop, quality, effort, step)
+        parts.append(model.write_latents(latents, quality, encode))
+        tick((k + 1) * work, len(tiles) * work)
     header = {"kind": model.cfg.kind, "coder": coder, "model_id": model_id, "height": h, "width": w,
-              "mode": mode, "param": param, "latent_shape": tuple(latents["y"].shape)}
+              "mode": mode, "param": param, "latent_shape": shape, "tile": tile}
     packed_alpha = zlib.compress(np.ascontiguousarray(alpha, np.uint8).tobytes(), 9) if alpha is not None else b""
-    return pack(header, payload, packed_alpha)
+    return pack(header, join_tiles(parts), packed_alpha)
 
 
-@torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
-def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
-    """File bytes → (header, latents dict, quality); FormatError for any bad file or one declaring more than
-    max_pixels.
-
-    Only integer tables decide the symbols, so the latents are bit-identical on every machine.
-    """
+def _opened(model, model_id, data, max_pixels):
+    """(header, tiles, quality) of file bytes checked against the model: tiles row after row as (latent rows,
+    latent columns, coder stream); FormatError for any bad file or one declaring more than max_pixels."""
     header, payload, _ = unpack(data, max_pixels)
     if header["model_id"] != model_id:
         raise FormatError(f"file was made by model {header['model_id'].hex()}, "
                           f"but the loaded weights are {model_id.hex()}")
-    h, w = header["height"], header["width"]
+    h, w, tile = header["height"], header["width"], header["tile"]
     shape = model.latent_shape(h, w)
     if header["kind"] != model.cfg.kind or tuple(header["latent_shape"]) != shape:
         raise FormatError(f"file corrupted (latent shape {header['latent_shape']} does not fit a {w}×{h} image)")
@@ -291,7 +330,18 @@ def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
         quality = model.quality_of(header["param"])
     except ValueError as e:
         raise FormatError(f"file corrupted ({e})") from None
-    opened = []
+    if not tile:  # before version 5: one tile, the whole image
+        return header, [[((0, shape[1]), (0, shape[2]), payload)]], quality
+    if not MIN_TILE <= tile * model.stride <= MAX_TILE:
+        raise FormatError(f"file corrupted (tiles of {tile * model.stride} pixels: {MIN_TILE} … {MAX_TILE} are read)")
+    grid = tile_grid(shape, tile)
+    streams = iter(split_tiles(payload, sum(map(len, grid))))
+    return header, [[(rows, cols, next(streams)) for rows, cols in row] for row in grid], quality
+
+
+def _read_tile(model, header, quality, rows, cols, payload):
+    """One tile's latents dict from its coder stream, which must be used up exactly; FormatError otherwise."""
+    shape, opened = (header["latent_shape"][0], rows[1] - rows[0], cols[1] - cols[0]), []
 
     def open_decoder(payload):
         opened.append(SymbolDecoder(payload, header["coder"]))
@@ -307,16 +357,46 @@ def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
         raise FormatError(str(e)) from None
     except Exception as e:  # the entropy decoders' own errors on garbage input
         raise FormatError(f"payload corrupted ({type(e).__name__})") from None
-    return header, latents, quality
+    return latents
+
+
+def _row_latents(model, header, quality, row):
+    """A row of tiles decoded and joined: the latents dict of the rows they span."""
+    tiles = [_read_tile(model, header, quality, *tile) for tile in row]
+    return {k: torch.cat([t[k] for t in tiles], -1) for k in tiles[0]}
 
 
 @torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
-def decompress(model, model_id, data, max_pixels=MAX_PIXELS):
+def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
+    """File bytes → (header, the whole image's latents dict, quality); FormatError for any bad file or one
+    declaring more than max_pixels.
+
+    Only integer tables decide the symbols, so the latents are bit-identical on every machine.
+    """
+    header, tiles, quality = _opened(model, model_id, data, max_pixels)
+    rows = [_row_latents(model, header, quality, row) for row in tiles]
+    return header, {k: torch.cat([r[k] for r in rows], -2) for k in rows[0]}, quality
+
+
+@torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
+def decompress(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
     """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file or one declaring more
-    than max_pixels."""
-    header, latents, quality = read_latents(model, model_id, data, max_pixels)
-    h, w = header["height"], header["width"]
-    rgb = image_of(model, latents, h, w, quality)
+    than max_pixels. Decoded a row of tiles at a time (`progress(done, total)` after each), so only three
+    rows of latents are held."""
+    header, tiles, quality = _opened(model, model_id, data, max_pixels)
+    h, w, t = header["height"], header["width"], TILE // model.stride
+
+    def latent_rows():
+        """(first latent row, decoded latents "y" as float32) in rows of at most TILE pixels."""
+        for row in tiles:
+            r0, y = row[0][0][0], _row_latents(model, header, quality, row)["y"].float()
+            yield from ((r0 + r, y[:, r : r + t]) for r in range(0, y.shape[1], t))
+
+    rgb = np.empty((h, w, 3), np.uint8)
+    for r, strip in _strips(model, latent_rows(), h, w, quality):
+        rgb[r : r + strip.shape[0]] = strip
+        if progress:
+            progress(min(r + strip.shape[0], h), h)
     alpha = None
     if header["mode"] in ("RGBA", "LA"):
         packed_alpha = unpack(data)[2]
@@ -343,9 +423,9 @@ def compress_file(model, model_id, src, dst, quality=None, coder="constriction",
     return data, notices
 
 
-def decompress_file(model, model_id, data, dst):
+def decompress_file(model, model_id, data, dst, progress=None):
     """Compressed file bytes → image file dst (format from its extension; "-": PNG on standard output), written
-    atomically; the RGB array."""
-    rgb, mode, alpha = decompress(model, model_id, data)
+    atomically; the RGB array. `progress(done, total)` as decompress reports it."""
+    rgb, mode, alpha = decompress(model, model_id, data, progress=progress)
     write_image(dst, rgb, mode, alpha)
     return rgb

@@ -24,7 +24,6 @@ SHORT_FULL = {2: 2, 3: 4}
 DEFAULT = 1  # of test.py and the Python API: the most bits saved per extra second (docs/effort.md)
 FULL_LR, SIDE_LR = 0.02, 0.05  # Adam step sizes, in units of the quantisation step (measured best of 0.005 … 0.2)
 TAU_MAX, TAU_MIN = 0.5, 0.2  # SGA temperature, annealed exponentially over a search (0.2 beat 0.05 at the end)
-MAX_PIXELS = 4 << 20  # the full search keeps the synthesis' activations and gradients of the whole image
 SEED = 0  # of the search's random rounding draws
 
 
@@ -68,11 +67,6 @@ def refine(model, latents, start, rgb, quality, effort, progress=None):
     full, side = steps_of(effort, side_latents)
     if full + side == 0:
         return latents
-    h, w = rgb.shape[:2]
-    if full and h * w > MAX_PIXELS:
-        cheap = max(e for e in range(len(LEVELS)) if steps_of(e, side_latents)[0] == 0)
-        raise ValueError(f"effort {effort} optimises the whole image at once: {w}×{h} is more than "
-                         f"{MAX_PIXELS / 2**20:.0f} M pixels (use effort {cheap} or less for this model)")
     device = next(model.parameters()).device
     on = lambda d: {k: v.to(device, torch.float32)[None] for k, v in d.items()}  # noqa: E731 (batched, on the device)
     tick = (lambda n: progress(n, full + side)) if progress else (lambda n: None)
@@ -83,7 +77,7 @@ def refine(model, latents, start, rgb, quality, effort, progress=None):
             best = latents
             if full:
                 best = full_search(model, best, start, image_tensor(rgb, model.stride, device), quality,
-                                   (h, w), full, on, tick)
+                                   rgb.shape[:2], full, on, tick)
             if side:
                 best = side_search(model, best, start, quality, side, on, lambda n: tick(full + n))
     finally:

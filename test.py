@@ -167,15 +167,16 @@ def compress_timed(model, mid, src, dst, args, passphrase=None, show=False):
 
     t = time.perf_counter()
     seal = (lambda data: encrypt(data, passphrase)) if passphrase else None
-    with effort_bar(args.effort, show) as progress:
+    with progress_bar("compress", show) as progress:
         data, notices = compress_file(model, mid, src, dst, args.quality, args.coder, seal, args.effort, progress)
     return data, time.perf_counter() - t, notices
 
 
 @contextlib.contextmanager
-def effort_bar(effort, show):
-    """A progress bar of the encoder search (efforts from 2 on, which can take seconds), or no bar."""
-    if not show or effort < 2:
+def progress_bar(desc, show):
+    """progress(done, total) drawing a bar on standard error once the work has taken a second (large images, the
+    encoder search), or None."""
+    if not show:
         yield None
         return
     from tqdm import tqdm
@@ -183,8 +184,9 @@ def effort_bar(effort, show):
     bars = []
 
     def progress(done, total):
-        if not bars:  # opened at the first step: a search refused before it (image too large) leaves no empty bar
-            bars.append(tqdm(desc=f"effort {effort}", total=total, unit="step", leave=False, file=sys.stderr))
+        if not bars:  # opened at the first report: work refused before it leaves no empty bar
+            bars.append(tqdm(desc=desc, total=total, delay=1.0, leave=False, file=sys.stderr,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"))
         bars[0].update(done - bars[0].n)
 
     try:
@@ -390,7 +392,8 @@ def decompress_command(args):
     t = time.perf_counter()
     data = read_compressed(args.input, args)
     model, mid, _ = load_model(find_weights(data, args), args.device)
-    rgb = decompress_file(model, mid, data, args.output)
+    with progress_bar("decompress", True) as progress:
+        rgb = decompress_file(model, mid, data, args.output, progress)
     print(f"{args.output}: {rgb.shape[1]}x{rgb.shape[0]} in {time.perf_counter() - t:.2f} s",
           file=sys.stderr if args.output == "-" else sys.stdout)
     return 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import codec
 from checkpoint import load_checkpoint
 from codec import (CODERS, HEADER_BYTES, RANGE_CODER, FormatError, SymbolDecoder, compress, decompress, encoder_of,
                    entropy_decode, entropy_encode, latents_of, pack, read_latents, unpack)
@@ -51,7 +52,7 @@ def test_entropy_round_trip(coder):
 
 def header(**kw):
     h = {"kind": "rd", "coder": "constriction", "model_id": b"abcd", "height": 5, "width": 7, "mode": "RGB",
-         "param": 400, "latent_shape": (24, 1, 1)}
+         "param": 400, "latent_shape": (24, 1, 1), "tile": 64}
     h.update(kw)
     return h
 
@@ -59,7 +60,7 @@ def header(**kw):
 def test_pack_unpack_round_trip():
     data = pack(header(), b"payload!", b"al")
     h, payload, alpha = unpack(data)
-    assert h == header() and payload == b"payload!" and alpha == b"al"
+    assert h == {**header(), "version": codec.VERSION} and payload == b"payload!" and alpha == b"al"
     assert len(data) == HEADER_BYTES + 10
 
 
@@ -255,9 +256,8 @@ def test_range_coded_files_of_format_3_still_decode(ckpt, request):
     mid, rgb = bytes.fromhex(ckpt_dict["model_id"]), photo_like(40, 56, 2)
     data = compress(model, mid, rgb, quality=3)
     header, _, _ = unpack(data)
-    legacy = pack(header, model.write_latents(latents_of(model, rgb, 3), 3, lambda segs: entropy_encode(segs, RANGE_CODER)))
-    body = legacy[:3] + b"\x03" + legacy[4:-4]
-    legacy = body + struct.pack(">I", zlib.crc32(body))
+    legacy = pack(header, model.write_latents(latents_of(model, rgb, 3), 3, lambda segs: entropy_encode(segs, RANGE_CODER)),
+                  version=3)
     assert unpack(legacy)[0]["coder"] == RANGE_CODER and legacy != data
     assert np.array_equal(decompress(model, mid, legacy)[0], decompress(model, mid, data)[0])
 

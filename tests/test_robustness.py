@@ -151,19 +151,62 @@ def with_payload(data, payload):
 
 @pytest.mark.parametrize("coder", codec.CODERS)
 def test_damaged_payloads_are_refused(rd, coder):
-    """A payload extended or emptied, and with ANS (the default coder) one cut at either end — with a valid CRC — is
-    an error, not a picture."""
+    """A tile's coder stream extended or emptied, and with ANS (the default coder) one cut at either end — the
+    tile table and the CRC kept consistent — is an error, not a picture; so is a payload whose tile table does
+    not add up."""
     model, mid = rd
     data = compress(model, mid, photo_like(64, 96, 3), quality=5, coder=coder)
-    n_payload = struct.unpack_from(">I", data, 23)[0]
-    payload = data[codec.HEADER.size : codec.HEADER.size + n_payload]
-    damages = [payload + b"\x5a\xc3\x0f\x96", b""]
+    payload = codec.unpack(data)[1]
+    (stream,) = codec.split_tiles(payload, 1)
+    damages = [stream + b"\x5a\xc3\x0f\x96", b""]
     if coder == "constriction":  # ANS ends exactly; the Python coder's stream has no end to check cuts against
-        damages += [payload[:-4], payload[4:]]
-    for damaged in damages:
+        damages += [stream[:-4], stream[4:]]
+    for damaged in [codec.join_tiles([d]) for d in damages] + [payload + b"\0\0\0\0", payload[4:], b""]:
         with pytest.raises(FormatError, match="payload corrupted"):
             decompress(model, mid, with_payload(data, damaged))
-    assert decompress(model, mid, with_payload(data, payload))[0].shape == (64, 96, 3)
+    assert decompress(model, mid, with_payload(data, codec.join_tiles([stream])))[0].shape == (64, 96, 3)
+
+
+def test_tiles_are_coded_apart_and_decoded_seamlessly(rd, monkeypatch):
+    """An image of 2 × 2 tiles: four streams, each decodable alone; the streamed decoder gives the whole-image
+    synthesis of the stitched latents (tile edges get their neighbours' latents as context); a damaged second
+    tile is an error."""
+    model, mid = rd
+    monkeypatch.setattr(codec, "TILE", 256)
+    rgb = photo_like(300, 260, 4)
+    data = compress(model, mid, rgb, quality=4)
+    header, payload, _ = codec.unpack(data)
+    assert header["tile"] == 256 // model.stride
+    streams = codec.split_tiles(payload, 4)
+    _, latents, _ = codec.read_latents(model, mid, data)
+    assert latents["y"].shape == model.latent_shape(300, 260)
+    assert np.array_equal(decompress(model, mid, data)[0], codec.image_of(model, latents, 300, 260, 4))
+    streams[1] = streams[1][:-4]
+    with pytest.raises(FormatError, match="payload corrupted"):
+        decompress(model, mid, with_payload(data, codec.join_tiles(streams)))
+
+
+def test_decoding_holds_three_rows_of_tiles(rd, monkeypatch):
+    """The decoder synthesizes each row of tiles as soon as the next one is decoded, never the whole image's
+    latents at once; and reports its progress."""
+    model, mid = rd
+    monkeypatch.setattr(codec, "TILE", 256)
+    data = compress(model, mid, photo_like(1000, 40, 5), quality=2)
+    events, read_row = [], codec._row_latents
+    monkeypatch.setattr(codec, "_row_latents", lambda *a: events.append("decode") or read_row(*a))
+    decompress(model, mid, data, progress=lambda done, total: events.append("strip"))
+    assert events == ["decode", "decode", "strip", "decode", "strip", "decode", "strip", "strip"]
+
+
+def test_tile_sides_out_of_range_are_refused(rd):
+    """A header's tile side outside 256 … 1024 pixels (work per tile, memory per tile) or not a multiple of 4 is
+    a one-line error."""
+    model, mid = rd
+    data = bytearray(compress(model, mid, photo_like(40, 40), quality=2))
+    for tile, message in ((4, "tiles of 64 pixels"), (128, "tiles of 2048 pixels"), (18, "impossible size"), (0, "impossible")):
+        struct.pack_into(">H", data, 31, tile)
+        with pytest.raises(FormatError, match=message):
+            decompress(model, mid, refresh_crc(bytes(data)))
 
 
 @pytest.mark.parametrize("coder", codec.CODERS)
@@ -177,7 +220,8 @@ def test_a_tiny_file_declaring_a_huge_image_is_refused_at_once(rd, coder, monkey
     decoded = []
     take = codec.SymbolDecoder.take
     monkeypatch.setattr(codec.SymbolDecoder, "take", lambda self, freqs, n: decoded.append(n) or take(self, freqs, n))
-    for payload in (b"", bytes(64)):
+    tiles = sum(map(len, codec.tile_grid(model.latent_shape(8192, 8192), codec.TILE // model.stride)))
+    for payload in (b"", codec.join_tiles([b""] * tiles), codec.join_tiles([bytes(4)] * tiles)):
         with pytest.raises(FormatError, match="payload corrupted"):
             decompress(model, mid, with_payload(bytes(data), payload))
     # Symbols of tables near certainty cost ~1e-4 bits, so a few bytes may still pay for some; never for all.

@@ -92,17 +92,6 @@ def test_single_file_commands_and_bad_files(rd_ckpt, seed_ckpt, tmp_path):
     assert one_line_error(r) and "not an image" in r.stderr
 
 
-def test_search_refused_for_size_is_one_line(ctx_ckpt, tmp_path):
-    """test.py compress at an effort whose full search cannot take the image: the one-line error naming the
-    effort that works, and no empty progress bar before it (the bar opens at the search's first step)."""
-    side = int(effort.MAX_PIXELS ** 0.5) + 16  # just over the full search's limit
-    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / "big.png")
-    r = run("test.py", "compress", str(tmp_path / "big.png"), str(tmp_path / "big.qae"), "--weights", ctx_ckpt,
-            "--quality", "2", "--effort", "2")
-    assert one_line_error(r) and "use effort 1 or less" in r.stderr and "step" not in r.stderr
-    assert not (tmp_path / "big.qae").exists()
-
-
 def test_psnr_has_no_uint8_wraparound():
     a = np.zeros((8, 8, 3), np.uint8)
     b = np.full((8, 8, 3), 255, np.uint8)

@@ -13,9 +13,7 @@ import argparse
 import hashlib
 import json
 import os
-import struct
 import sys
-import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,20 +30,24 @@ from runtime import HelpFormatter  # noqa: E402
 # (name, source crop of images/kodim23.png: top, left, height, width; mode)
 SOURCES = [("rgb_64x48", 200, 300, 48, 64, "RGB"), ("odd_37x53", 100, 500, 53, 37, "RGB"),
            ("gray_40x40", 250, 120, 40, 40, "L"), ("rgba_48x32", 60, 60, 32, 48, "RGBA"), ("dot_1x1", 10, 10, 1, 1, "RGB"),
-           ("rgb_256x192", 150, 250, 192, 256, "RGB")]
-# (weights, source, quality, coder, version)
-FILES = [("seed_resnet101.pt", "rgb_64x48", None, "constriction", 4),
-         ("seed_resnet101.pt", "gray_40x40", None, "arithmetic-compressor", 4),
-         ("rd.pt", "rgb_64x48", 1, "constriction", 4), ("rd.pt", "odd_37x53", 4.5, "constriction", 4),
-         ("rd.pt", "rgba_48x32", 8, "arithmetic-compressor", 4), ("rd.pt", "odd_37x53", 3, "constriction", 3),
-         ("hyper.pt", "rgb_64x48", 1, "constriction", 4), ("hyper.pt", "odd_37x53", 3.37, "constriction", 4),
-         ("hyper.pt", "gray_40x40", 8, "constriction", 4), ("hyper.pt", "rgba_48x32", 6, "arithmetic-compressor", 4),
-         ("hyper.pt", "dot_1x1", 2, "constriction", 4), ("hyper.pt", "rgb_64x48", 5, "constriction", 3),
-         ("rd.pt", "rgb_256x192", 8, "constriction", 4), ("hyper.pt", "rgb_256x192", 8, "constriction", 4),
-         ("hyper.pt", "rgb_256x192", 1.5, "constriction", 4),
-         ("ctx.pt", "rgb_64x48", 1, "constriction", 4), ("ctx.pt", "odd_37x53", 3.37, "constriction", 4),
-         ("ctx.pt", "gray_40x40", 8, "arithmetic-compressor", 4), ("ctx.pt", "rgba_48x32", 6, "constriction", 4),
-         ("ctx.pt", "dot_1x1", 2, "constriction", 4), ("ctx.pt", "rgb_256x192", 5.5, "constriction", 4)]
+           ("rgb_256x192", 150, 250, 192, 256, "RGB"), ("wide_1100x32", 300, 0, 32, 1100, "RGB")]
+# (weights, source, quality, coder, version): versions before the current one are re-coded in their own
+# layout, and the current version's files cover the same cases plus a file of several tiles
+LEGACY = [("seed_resnet101.pt", "rgb_64x48", None, "constriction"),
+          ("seed_resnet101.pt", "gray_40x40", None, "arithmetic-compressor"),
+          ("rd.pt", "rgb_64x48", 1, "constriction"), ("rd.pt", "odd_37x53", 4.5, "constriction"),
+          ("rd.pt", "rgba_48x32", 8, "arithmetic-compressor"),
+          ("hyper.pt", "rgb_64x48", 1, "constriction"), ("hyper.pt", "odd_37x53", 3.37, "constriction"),
+          ("hyper.pt", "gray_40x40", 8, "constriction"), ("hyper.pt", "rgba_48x32", 6, "arithmetic-compressor"),
+          ("hyper.pt", "dot_1x1", 2, "constriction"),
+          ("rd.pt", "rgb_256x192", 8, "constriction"), ("hyper.pt", "rgb_256x192", 8, "constriction"),
+          ("hyper.pt", "rgb_256x192", 1.5, "constriction"),
+          ("ctx.pt", "rgb_64x48", 1, "constriction"), ("ctx.pt", "odd_37x53", 3.37, "constriction"),
+          ("ctx.pt", "gray_40x40", 8, "arithmetic-compressor"), ("ctx.pt", "rgba_48x32", 6, "constriction"),
+          ("ctx.pt", "dot_1x1", 2, "constriction"), ("ctx.pt", "rgb_256x192", 5.5, "constriction")]
+FILES = ([(*f, 4) for f in LEGACY] + [("rd.pt", "odd_37x53", 3, "constriction", 3), ("hyper.pt", "rgb_64x48", 5, "constriction", 3)]
+         + [(*f, codec.VERSION) for f in LEGACY]
+         + [(w, "wide_1100x32", 4, "constriction", codec.VERSION) for w in ("rd.pt", "hyper.pt", "ctx.pt")])
 
 
 def sha(data):
@@ -79,7 +81,9 @@ def make_sources(out):
     with Image.open(os.path.join(ROOT, "images", "kodim23.png")) as im:
         full = im.convert("RGB")
     for name, top, left, h, w, mode in SOURCES:
-        crop = full.crop((left, top, left + w, top + h))
+        crop = Image.new("RGB", (w, h))
+        for x in range(0, w, full.width):  # wider than the photo: its rows repeated side by side
+            crop.paste(full.crop((left, top, left + min(w - x, full.width), top + h)), (x, 0))
         if mode == "L":
             crop = crop.convert("L")
         if mode == "RGBA":
@@ -90,9 +94,7 @@ def make_sources(out):
 def legacy(data, version, latent_bytes):
     """The same file as an older format version with another payload (CRC recomputed)."""
     header, _, alpha = codec.unpack(data)
-    body = codec.pack(header, latent_bytes, alpha)[:-4]
-    body = body[:3] + bytes([version]) + body[4:]
-    return body + struct.pack(">I", zlib.crc32(body))
+    return codec.pack(header, latent_bytes, alpha, version)
 
 
 def main(argv=None):
@@ -110,11 +112,10 @@ def main(argv=None):
         model, mid = models[weights]
         rgb, mode, alpha, _ = codec.read_image(os.path.join(args.out, source + ".png"))
         data = codec.compress(model, mid, rgb, mode, alpha, quality, coder)
-        if version == 3:
-            q = model.quality_of(model.rate_param(quality))
-            range_coded = model.write_latents(codec.latents_of(model, rgb, q), q,
-                                              lambda segs: codec.entropy_encode(segs, codec.RANGE_CODER))
-            data = legacy(data, 3, range_coded)
+        if version < codec.VERSION:  # one tile, the whole image; version 3 with the range coder
+            q, used = model.quality_of(model.rate_param(quality)), codec.RANGE_CODER if version == 3 else coder
+            whole = model.write_latents(codec.latents_of(model, rgb, q), q, lambda segs: codec.entropy_encode(segs, used))
+            data = legacy(data, version, whole)
         name = f"{os.path.splitext(weights)[0]}_{source}_q{quality}_{coder[:5]}_v{version}.qae"
         with open(os.path.join(args.out, name), "wb") as f:
             f.write(data)
