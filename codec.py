@@ -379,6 +379,16 @@ def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
 
 
 @torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
+def canonical_payload(model, model_id, data, max_pixels=MAX_PIXELS):
+    """The payload the encoder writes for the latents a file decodes to. An ANS payload ends exactly where its
+    symbols end, so a file of the current coder whose payload differs from this one was damaged."""
+    header, tiles, quality = _opened(model, model_id, data, max_pixels)
+    encode = encoder_of(header["coder"] if header["coder"] in CODERS else "constriction")
+    parts = [model.write_latents(_read_tile(model, header, quality, *tile), quality, encode) for row in tiles for tile in row]
+    return join_tiles(parts) if header["tile"] else parts[0]
+
+
+@torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
 def decompress(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
     """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file or one declaring more
     than max_pixels. Decoded a row of tiles at a time (`progress(done, total)` after each), so only three

@@ -124,15 +124,26 @@ def refuse_overwriting_input(src, dst):
 
 
 def setup_device(args):
-    """Apply --threads, check --device, and keep freed memory for reuse (faster coding)."""
+    """Apply --threads and check --device."""
     import torch
 
-    from runtime import keep_freed_memory, resolve_device
+    from runtime import resolve_device
 
-    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     resolve_device(args.device)
+
+
+def manage_memory(pixels):
+    """Keep freed memory for reuse (faster coding) for images of at most one coding tile; larger ones leave glibc's
+    default, which hands freed memory back. Measured on a 2-core x86-64 CPU with ctx at quality 4, one thread:
+    Kodak images code 14–18 % faster kept; a 4000×3000 image codes in 15 s at a 1.9 GB peak kept against 21 s
+    at 1.4 GB (the tiles' activations fragment what is kept)."""
+    import codec
+    from runtime import keep_freed_memory
+
+    if pixels <= codec.TILE**2:
+        keep_freed_memory()
 
 
 def load_model(path, device):
@@ -209,6 +220,35 @@ def read_qae(path):
     from fileformat import file_bytes
 
     return file_bytes(sys.stdin.buffer if path == "-" else path)
+
+
+def image_pixels(src):
+    """The pixel count an image file declares (its header only; 0 when unreadable: reading it reports why)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # a size warning, if any, comes when the image is read
+            warnings.simplefilter("ignore")
+            with Image.open(src) as im:
+                return im.width * im.height
+    except Exception:  # any reader error: read_image gives the one-line message later
+        return 0
+    finally:
+        if hasattr(src, "seek"):
+            src.seek(0)
+
+
+def qae_pixels(data):
+    """The pixel count a .qae file declares (0 when it is not readable: decoding reports why)."""
+    from fileformat import FormatError, unpack
+
+    try:
+        header = unpack(data)[0]
+    except FormatError:
+        return 0
+    return header["height"] * header["width"]
 
 
 def read_compressed(path, args, passphrase=None):
@@ -325,6 +365,7 @@ def run_folder(args):
                 metrics.write_results(args.results, [])
             return 0
     weights = args.weights or DEFAULT_WEIGHTS
+    manage_memory(max(map(image_pixels, paths)))
     model, mid, ckpt = load_model(weights, args.device)
     quality = model.quality_of(model.rate_param(args.quality))  # checked before any image is read
     print(f"model {weights} ({ckpt['kind']}, id {mid.hex()}, step {ckpt.get('step', '?')})"
@@ -377,6 +418,7 @@ def compress_command(args):
     model, mid, _ = load_model(args.weights or DEFAULT_WEIGHTS, args.device)
     passphrase = read_passphrase(args.key_file, confirm=True) if args.encrypt else None
     src = io.BytesIO(read_input("-")) if args.input == "-" else args.input
+    manage_memory(image_pixels(src))
     data, seconds, notices = compress_timed(model, mid, src, args.output, args, passphrase, show=True)
     for n in notices:
         print(f"note: {n}", file=sys.stderr)
@@ -391,6 +433,7 @@ def decompress_command(args):
     refuse_overwriting_input(args.input, args.output)
     t = time.perf_counter()
     data = read_compressed(args.input, args)
+    manage_memory(qae_pixels(data))
     model, mid, _ = load_model(find_weights(data, args), args.device)
     with progress_bar("decompress", True) as progress:
         rgb = decompress_file(model, mid, data, args.output, progress)

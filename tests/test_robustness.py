@@ -181,6 +181,7 @@ def test_tiles_are_coded_apart_and_decoded_seamlessly(rd, monkeypatch):
     _, latents, _ = codec.read_latents(model, mid, data)
     assert latents["y"].shape == model.latent_shape(300, 260)
     assert np.array_equal(decompress(model, mid, data)[0], codec.image_of(model, latents, 300, 260, 4))
+    assert codec.canonical_payload(model, mid, data) == payload  # what the fuzzer's oracle checks
     streams[1] = streams[1][:-4]
     with pytest.raises(FormatError, match="payload corrupted"):
         decompress(model, mid, with_payload(data, codec.join_tiles(streams)))
@@ -268,3 +269,14 @@ def test_malformed_checkpoints_are_one_line_errors_without_big_allocations(rd_ck
     assert os.path.getsize(bad) < 2000
     with pytest.raises(ValueError, match="do not fit the config"):
         load_checkpoint(str(bad))
+
+
+def test_encoding_holds_one_tile(rd, monkeypatch):
+    """The encoder analyses, codes and drops one tile before the next: its latent-level memory is one tile's."""
+    model, mid = rd
+    monkeypatch.setattr(codec, "TILE", 256)
+    events, analysed, write = [], codec._analysed, model.write_latents
+    monkeypatch.setattr(codec, "_analysed", lambda *a: events.append("analyse") or analysed(*a))
+    monkeypatch.setattr(model, "write_latents", lambda *a: events.append("write") or write(*a))
+    compress(model, mid, photo_like(300, 520, 7), quality=3)
+    assert events == ["analyse", "write"] * 6
