@@ -162,6 +162,9 @@ class SeedAutoEncoder(CodingModel):
         if freqs.sum() != 1 << PRECISION:
             raise DecodeError("payload corrupted (frequency table does not sum to 2^16)")
         s = open_decoder(payload[4 + 2 * n :]).take(freqs, int(np.prod(shape)))
+        own_lo, own = self._table(s + lo)  # the encoder writes the table of the symbols it codes, nothing else
+        if own_lo != lo or not np.array_equal(own, freqs):
+            raise DecodeError("payload corrupted (the frequency table is not its symbols')")
         return {"y": torch.from_numpy((s + lo).reshape(shape))}
 
     def estimated_bits(self, latents, quality=None):

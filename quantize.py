@@ -332,6 +332,10 @@ def values_of(s, offsets, escapes, escaped=()):
         raise DecodeError("payload corrupted (number of escaped values does not match the escape symbols)")
     v = np.add(s, offsets, out=s)
     if n:
+        # The encoder escapes only values its table cannot hold: one it could is another payload's reading.
+        inside = np.asarray(escaped, np.int64) - np.broadcast_to(offsets, out.shape)[out]
+        if np.any((inside >= 0) & (inside < np.broadcast_to(escapes, out.shape)[out])):
+            raise DecodeError("payload corrupted (an escaped value its table holds)")
         v[out] = escaped
     return v.astype(np.float32)
 
@@ -401,4 +405,7 @@ def read_sparse(dec, n):
     positions = np.cumsum((high << k) + low.sum(axis=1) + 1) - 1
     if count and (positions.min() < 0 or positions[-1] >= n):
         raise DecodeError("payload corrupted (sparse position out of range)")
-    return positions, read_escapes(dec, count, EG_SHORT)
+    values = read_escapes(dec, count, EG_SHORT)
+    if not np.all(values):  # the encoder lists nonzeros only
+        raise DecodeError("payload corrupted (a listed sparse value is zero)")
+    return positions, values

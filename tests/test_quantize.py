@@ -59,6 +59,27 @@ def test_symbols_escape_on_both_sides_and_map_back():
     assert counts == [6]
     with pytest.raises(ValueError, match="escaped values"):
         values_of(s.copy(), offsets, escapes, escaped[:-1])
+    inside = escaped.copy()
+    inside[1] = 2  # the first row's table holds 2: an escape the encoder never writes, so a damaged payload
+    with pytest.raises(ValueError, match="its table holds"):
+        values_of(s.copy(), offsets, escapes, inside)
+
+
+def test_sparse_lists_nonzero_values_only():
+    """A sparse group decodes its nonzeros; a payload listing a zero among them (never written) is refused."""
+    from codec import SymbolDecoder, entropy_encode
+    from quantize import DecodeError, read_sparse, sparse_segments
+
+    values = np.array([0, 0, 3, 0, -1, 0, 0, 0], np.float32)
+    for listed, ok in ((values, True), (np.array([0, 0, 3, 0, -1, 0, 0, 0.4], np.float32), False)):
+        segments = sparse_segments(listed)  # 0.4 is nonzero to the encoder's test, rounded to 0 when written
+        dec = SymbolDecoder(entropy_encode(segments, "constriction"), "constriction")
+        if ok:
+            positions, got = read_sparse(dec, len(values))
+            assert positions.tolist() == [2, 4] and got.tolist() == [3, -1]
+        else:
+            with pytest.raises(DecodeError, match="sparse value is zero"):
+                read_sparse(dec, len(values))
 
 
 def test_tables_identical_across_two_fresh_builds():
