@@ -130,7 +130,7 @@ class SeedAutoEncoder(CodingModel):
         return quantize_bbit(self.encoder(x), self.cfg.bits, "symbols")
 
     def latents(self, u, quality=None):
-        """The whole image's symbols (C, h, w) → latents dict."""
+        """A coding tile's symbols (C, h, w) → latents dict."""
         return {"y": u}
 
     def synthesize(self, y, quality=None):

@@ -76,7 +76,8 @@ class CodingModel(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def latents(self, u, quality):
-        """The whole image's analysis output → the integer latents dict ("y", and whatever else the model codes)."""
+        """One coding tile's analysis output (codec.py codes each tile apart) → the integer latents dict ("y", and
+        whatever else the model codes)."""
 
     @abc.abstractmethod
     def synthesize(self, y, quality):

@@ -272,7 +272,7 @@ class CtxModel(SideLatents, TransformCodec):
     # -- coding interface
     @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
     def latents(self, u, quality):
-        """The whole image's unscaled latents (M, h, w) → {"y": decoded latents μ + round(y − μ) (float64, exact),
+        """A coding tile's unscaled latents (M, h, w) → {"y": decoded latents μ + round(y − μ) (float64, exact),
         "z": integer side latents}."""
         y = self.scaled(u[None], quality)[0].cpu().double()
         return self._encoded(y, self.side_latents(u[None])[0].cpu(), quality)

@@ -78,7 +78,7 @@ class RDModel(TransformCodec):
     # -- coding interface
     @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
     def latents(self, u, quality):
-        """The whole image's unscaled latents (M, h, w) → {"y": integer latents at the quality}."""
+        """A coding tile's unscaled latents (M, h, w) → {"y": integer latents at the quality}."""
         return {"y": torch.round(self.scaled(u[None], quality))[0]}
 
     @torch.no_grad()

@@ -144,8 +144,8 @@ class HyperModel(SideLatents, TransformCodec):
 
     @torch.no_grad()  # not inference_mode: callers may edit the returned tensors
     def latents(self, u, quality):
-        """The whole image's unscaled latents (M, h, w) → {"y": integer latents, "z": integer side latents}.
-        h_a runs on the whole latent image (1/16 of the pixels), in strips (side_latents), not in tiles."""
+        """A coding tile's unscaled latents (M, h, w) → {"y": integer latents, "z": integer side latents}; h_a runs
+        in strips (side_latents)."""
         return {"y": torch.round(self.scaled(u[None], quality))[0], "z": self.side_latents(u[None])[0]}
 
     def write_latents(self, latents, quality, encode):
