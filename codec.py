@@ -229,9 +229,9 @@ def analysis_of(model, rgb):
 
 
 def latents_of(model, rgb, quality, u=None):
-    """Integer latents of an image as the model's dict ("y" (C, h, w), and whatever else it codes), on the CPU, as
-    one tile (the format before version 5); quality as the model's quality_of returns it; u: the analysis
-    output on the model's device, if at hand."""
+    """Integer latents as the model's dict ("y" (C, h, w), and whatever else it codes), on the CPU: of the analysis
+    output u (on the model's device) if given, else of the whole image as one tile (the format before version
+    5); quality as the model's quality_of returns it."""
     u = analysis_of(model, rgb).to(_device(model)) if u is None else u
     return {k: v.cpu() for k, v in model.latents(u, quality).items()}
 
@@ -302,7 +302,7 @@ def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="
     tick = progress or (lambda done, total: None)
     for k, (rows, cols) in enumerate(tiles):
         u = _analysed(model, rgb, rows, cols).to(_device(model))
-        latents = {key: v.cpu() for key, v in model.latents(u, quality).items()}
+        latents = latents_of(model, rgb, quality, u)
         if effort:
             crop = rgb[rows[0] * s : rows[1] * s, cols[0] * s : cols[1] * s]
             step = lambda d, n, k=k: tick(k * work + d, len(tiles) * work)  # noqa: E731
@@ -383,7 +383,7 @@ def canonical_payload(model, model_id, data, max_pixels=MAX_PIXELS):
     """The payload the encoder writes for the latents a file decodes to. An ANS payload ends exactly where its
     symbols end, so a file of the current coder whose payload differs from this one was damaged."""
     header, tiles, quality = _opened(model, model_id, data, max_pixels)
-    encode = encoder_of(header["coder"] if header["coder"] in CODERS else "constriction")
+    encode = functools.partial(entropy_encode, coder=header["coder"])  # the file's own coder, read-only ones too
     parts = [model.write_latents(_read_tile(model, header, quality, *tile), quality, encode) for row in tiles for tile in row]
     return join_tiles(parts) if header["tile"] else parts[0]
 
