@@ -107,7 +107,8 @@ def our_points(path, images, qualities, tmp, effort=0):
 
     def decode(_):
         with open(qae, "rb") as f:
-            return decompress_file(model, mid, f.read(), png)
+            rgb = decompress_file(model, mid, f.read(), png)
+        return read_image(png)[0] if rgb is None else rgb  # a large image went out in strips
 
     points = [{"quality": q, "rows": measure_point(lambda rgb, q=q: encode(rgb, q), decode, images,
                                                    f"{os.path.basename(path)} q={q}")} for q in qualities]

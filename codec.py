@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from arithmetic_compressor import arithmetic_coding as ac
 from arithmetic_compressor.util import Range
 
-from imagefiles import read_image, write_image, write_output
+from imagefiles import image_format, write_image, write_output
+from imagestream import WHOLE_PIXELS, open_image, pil_rows, write_png
 from effort import refine, steps_of
 from quantize import PRECISION, DecodeError
 # The file format lives apart so that reading a header needs no PyTorch; codec's users find it here too.
@@ -236,13 +237,15 @@ def latents_of(model, rgb, quality, u=None):
     return {k: v.cpu() for k, v in model.latents(u, quality).items()}
 
 
-def _synthesized(model, band, top, rows, height, width, quality):
-    """uint8 RGB (≤ height, width, 3) of `rows` latent rows of a band of latents (C, top + rows + below, w), the
-    rows above and below being context; in TILE-wide tiles with HALO of context."""
-    s, device = model.stride, _device(model)
+def _synthesized(model, band, height, width, quality):
+    """uint8 RGB (≤ height, width, 3) of a band of latent rows given as (rows above, rows, rows below) (C, ·, w),
+    those above and below being context; in TILE-wide tiles with HALO of context."""
+    s, device, (above, y, _) = model.stride, _device(model), band
+    top, rows = above.shape[1], y.shape[1]
     out = np.empty((min(rows * s, height), width, 3), np.uint8)
-    for x0, x1, xa, xb in _spans(band.shape[2], TILE // s, HALO // s):
-        z = band[None, :, :, xa:xb].float().to(device).contiguous(memory_format=torch.channels_last)
+    for x0, x1, xa, xb in _spans(y.shape[2], TILE // s, HALO // s):
+        z = torch.cat([part[None, :, :, xa:xb] for part in band], 2).float().to(device)
+        z = z.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             x = model.synthesize(z, quality)
         x = x[0, :, top * s : (top + rows) * s, (x0 - xa) * s : (x1 - xa) * s]
@@ -262,10 +265,8 @@ def _strips(model, latent_rows, height, width, quality):
         r0, y = current
         above = y[:, :0] if before is None else before
         below = y[:, :0] if following is None else following[1][:, :hl]
-        band = torch.cat([above, y, below], 1)
-        yield r0 * model.stride, _synthesized(model, band, above.shape[1], y.shape[1], height - r0 * model.stride,
-                                              width, quality)
-        before, current = y[:, -hl:], following
+        yield r0 * model.stride, _synthesized(model, (above, y, below), height - r0 * model.stride, width, quality)
+        before, current = y[:, -hl:].clone(), following  # a copy: a view would keep all of y
 
 
 def image_of(model, latents, height, width, quality):
@@ -287,12 +288,15 @@ def encoder_of(coder):
 @torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
 def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="constriction", effort=0,
              progress=None):
-    """Image (uint8 H×W×3, original mode, optional H×W alpha) → file bytes; quality as the model takes it.
+    """Image (uint8 H×W×3, or a RowReader; original mode; optional H×W alpha, or a function returning it packed
+    once the rows are read) → file bytes; quality as the model takes it.
     The image is coded in independent TILE-pixel tiles; effort > 0 searches each for cheaper latents
     (effort.py). `progress(done, total)` is called after each search step and each tile."""
     h, w = rgb.shape[:2]
     if not (1 <= h <= 0xFFFF and 1 <= w <= 0xFFFF):
         raise ValueError(f"image of {w}×{h} pixels: each side must be 1 … 65535")
+    if h * w > MAX_PIXELS:  # a file that readers refuse by default is not written
+        raise ValueError(f"image of {w}×{h} = {h * w:,} pixels: at most {MAX_PIXELS:,} are coded")
     encode, (full, side) = encoder_of(coder), steps_of(effort, bool(model.SIDE_KEYS))
     param = model.rate_param(quality)
     quality, s, tile = model.quality_of(param), model.stride, TILE // model.stride
@@ -311,7 +315,8 @@ def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="
         tick((k + 1) * work, len(tiles) * work)
     header = {"kind": model.cfg.kind, "coder": coder, "model_id": model_id, "height": h, "width": w,
               "mode": mode, "param": param, "latent_shape": shape, "tile": tile}
-    packed_alpha = zlib.compress(np.ascontiguousarray(alpha, np.uint8).tobytes(), 9) if alpha is not None else b""
+    packed_alpha = b"" if alpha is None else alpha() if callable(alpha) else zlib.compress(
+        np.ascontiguousarray(alpha, np.uint8).tobytes(), 9)
     return pack(header, join_tiles(parts), packed_alpha)
 
 
@@ -360,8 +365,11 @@ def _read_tile(model, header, quality, rows, cols, payload):
     return latents
 
 
-def _row_latents(model, header, quality, row):
-    """A row of tiles decoded and joined: the latents dict of the rows they span."""
+def _row_latents(model, header, quality, row, synthesis=False):
+    """A row of tiles decoded and joined: the latents dict of the rows they span (for synthesis: "y" alone, as
+    float32, each tile converted as it comes, so a row costs its float32 latents and one tile more)."""
+    if synthesis:
+        return {"y": torch.cat([_read_tile(model, header, quality, *tile)["y"].float() for tile in row], -1)}
     tiles = [_read_tile(model, header, quality, *tile) for tile in row]
     return {k: torch.cat([t[k] for t in tiles], -1) for k in tiles[0]}
 
@@ -388,44 +396,72 @@ def canonical_payload(model, model_id, data, max_pixels=MAX_PIXELS):
     return join_tiles(parts) if header["tile"] else parts[0]
 
 
+def _alpha_rows(header, data):
+    """take(n) → the next n rows of the file's alpha plane (uint8 (n, W)), or None for a file without alpha;
+    FormatError when the plane is damaged or does not hold exactly H × W values. Inflated as asked for."""
+    if header["mode"] not in ("RGBA", "LA"):
+        return lambda n: None
+    w, left, d = header["width"], [unpack(data)[2], header["height"]], zlib.decompressobj()
+
+    def take(n):
+        try:
+            raw = d.decompress(left[0], n * w)  # bounded: never inflates more than the rows asked for
+            left[0], left[1] = d.unconsumed_tail, left[1] - n
+            extra = d.decompress(left[0], 1) if left[1] == 0 else b""  # the plane must end with its last row
+        except zlib.error:
+            raise FormatError("alpha plane corrupted") from None
+        if len(raw) != n * w or extra or (left[1] == 0 and not d.eof):
+            raise FormatError("alpha plane corrupted (wrong size)")
+        return np.frombuffer(raw, np.uint8).reshape(n, w)
+    return take
+
+
 @torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
-def decompress(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
-    """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file or one declaring more
-    than max_pixels. Decoded a row of tiles at a time (`progress(done, total)` after each), so only three
-    rows of latents are held."""
+def decoded_strips(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
+    """File bytes → (header, strips): strips yields (first row, uint8 RGB (n, W, 3), alpha (n, W) or None) top to
+    bottom, decoding a row of tiles at a time (`progress(done rows, H)` after each strip), so only three rows of
+    latents are held; FormatError for any bad file (when it is opened, or at the strip that is damaged) or one
+    declaring more than max_pixels."""
     header, tiles, quality = _opened(model, model_id, data, max_pixels)
     h, w, t = header["height"], header["width"], TILE // model.stride
 
     def latent_rows():
         """(first latent row, decoded latents "y" as float32) in rows of at most TILE pixels."""
         for row in tiles:
-            r0, y = row[0][0][0], _row_latents(model, header, quality, row)["y"].float()
+            r0, y = row[0][0][0], _row_latents(model, header, quality, row, synthesis=True)["y"]
             yield from ((r0 + r, y[:, r : r + t]) for r in range(0, y.shape[1], t))
 
-    rgb = np.empty((h, w, 3), np.uint8)
-    for r, strip in _strips(model, latent_rows(), h, w, quality):
-        rgb[r : r + strip.shape[0]] = strip
-        if progress:
-            progress(min(r + strip.shape[0], h), h)
-    alpha = None
+    @torch.inference_mode(False)  # around each step of the generator, not just its creation
+    def strips():
+        alpha = _alpha_rows(header, data)
+        for r, rgb in _strips(model, latent_rows(), h, w, quality):
+            yield r, rgb, alpha(len(rgb))
+            if progress:
+                progress(r + len(rgb), h)
+    return header, strips()
+
+
+def decompress(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
+    """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file or one declaring more
+    than max_pixels. Decoded as decoded_strips gives it."""
+    header, strips = decoded_strips(model, model_id, data, max_pixels, progress)
+    h, w = header["height"], header["width"]
+    rgb, alpha = np.empty((h, w, 3), np.uint8), None
     if header["mode"] in ("RGBA", "LA"):
-        packed_alpha = unpack(data)[2]
-        d = zlib.decompressobj()
-        try:
-            raw = d.decompress(packed_alpha, h * w + 1)  # bounded: never inflates past the image size
-        except zlib.error:
-            raise FormatError("alpha plane corrupted") from None
-        if len(raw) != h * w:
-            raise FormatError("alpha plane corrupted (wrong size)")
-        alpha = np.frombuffer(raw, np.uint8).reshape(h, w)
+        alpha = np.empty((h, w), np.uint8)
+    for r, strip, alpha_strip in strips:
+        rgb[r : r + len(strip)] = strip
+        if alpha is not None:
+            alpha[r : r + len(strip)] = alpha_strip
     return rgb, header["mode"], alpha
 
 
 def compress_file(model, model_id, src, dst, quality=None, coder="constriction", seal=None, effort=0, progress=None):
     """Image file src (a path or a binary file object) → compressed file dst, written atomically ("-":
-    standard output): (file bytes, read_image's notices). `seal` (optional) transforms the bytes before
-    they are written: test.py's encryption."""
-    rgb, mode, alpha, notices = read_image(src)
+    standard output): (file bytes, the reader's notices). A large image is read a band of rows at a time
+    (imagestream.open_image). `seal` (optional) transforms the bytes before they are written: test.py's
+    encryption."""
+    rgb, mode, alpha, notices = open_image(src)
     data = compress(model, model_id, rgb, mode, alpha, quality, coder, effort, progress)
     if seal is not None:
         data = seal(data)
@@ -435,7 +471,14 @@ def compress_file(model, model_id, src, dst, quality=None, coder="constriction",
 
 def decompress_file(model, model_id, data, dst, progress=None):
     """Compressed file bytes → image file dst (format from its extension; "-": PNG on standard output), written
-    atomically; the RGB array. `progress(done, total)` as decompress reports it."""
-    rgb, mode, alpha = decompress(model, model_id, data, progress=progress)
-    write_image(dst, rgb, mode, alpha)
-    return rgb
+    atomically; `progress(done, total)` as decoded_strips reports it. An image larger than WHOLE_PIXELS written
+    as PNG goes out row after row and is never held whole: None is returned; otherwise the decoded RGB array."""
+    header = unpack(data, MAX_PIXELS)[0]
+    if header["height"] * header["width"] <= WHOLE_PIXELS or (image_format(dst) or "PNG") != "PNG":
+        rgb, mode, alpha = decompress(model, model_id, data, progress=progress)
+        write_image(dst, rgb, mode, alpha)
+        return rgb
+    header, strips = decoded_strips(model, model_id, data, progress=progress)
+    rows = (pil_rows(rgb, header["mode"], alpha) for _, rgb, alpha in strips)
+    write_output(dst, lambda f: write_png(f, header["width"], header["height"], header["mode"], rows))
+    return None

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import codec
 from checkpoint import load_checkpoint
+from imagefiles import read_image
 from make_conformance import latent_digest  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "tests", "conformance")
@@ -60,7 +61,7 @@ def test_file_decodes_to_the_recorded_image(entry):
     rgb, mode, alpha = codec.decompress(model, mid, data)
     digest = sha(mode.encode() + np.ascontiguousarray(rgb).tobytes() + (b"" if alpha is None else alpha.tobytes()))
     if digest != entry["sha256_image"]:  # float synthesis: another CPU or thread count may round a pixel the other way
-        ref_rgb, ref_mode, ref_alpha, _ = codec.read_image(os.path.join(CORPUS, "decoded", entry["file"] + ".png"))
+        ref_rgb, ref_mode, ref_alpha, _ = read_image(os.path.join(CORPUS, "decoded", entry["file"] + ".png"))
         assert mode == ref_mode and np.abs(rgb.astype(int) - ref_rgb).max() <= 1
         assert (alpha is None) == (ref_alpha is None) and (alpha is None or np.array_equal(alpha, ref_alpha))
 
@@ -70,5 +71,5 @@ def test_file_decodes_to_the_recorded_image(entry):
 def test_source_reencodes_to_the_same_bytes(entry):
     """Compressing the source image again gives the committed file byte for byte."""
     model, mid = shipped(entry["weights"])
-    rgb, mode, alpha, _ = codec.read_image(os.path.join(CORPUS, entry["source"]))
+    rgb, mode, alpha, _ = read_image(os.path.join(CORPUS, entry["source"]))
     assert sha(codec.compress(model, mid, rgb, mode, alpha, entry["quality"], entry["coder"])) == entry["sha256_file"]

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 import codec
+import imagefiles
+import imagestream
 from codec import FormatError, compress, decompress
 from conftest import ROOT, TINY_RD, photo_like
 from checkpoint import load_checkpoint
@@ -194,7 +196,7 @@ def test_decoding_holds_three_rows_of_tiles(rd, monkeypatch):
     monkeypatch.setattr(codec, "TILE", 256)
     data = compress(model, mid, photo_like(1000, 40, 5), quality=2)
     events, read_row = [], codec._row_latents
-    monkeypatch.setattr(codec, "_row_latents", lambda *a: events.append("decode") or read_row(*a))
+    monkeypatch.setattr(codec, "_row_latents", lambda *a, **k: events.append("decode") or read_row(*a, **k))
     decompress(model, mid, data, progress=lambda done, total: events.append("strip"))
     assert events == ["decode", "decode", "strip", "decode", "strip", "decode", "strip", "strip"]
 
@@ -280,3 +282,78 @@ def test_encoding_holds_one_tile(rd, monkeypatch):
     monkeypatch.setattr(model, "write_latents", lambda *a: events.append("write") or write(*a))
     compress(model, mid, photo_like(300, 520, 7), quality=3)
     assert events == ["analyse", "write"] * 6
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA"])
+def test_large_images_stream_through_files_in_bands_of_rows(rd, mode, tmp_path, monkeypatch):
+    """Above WHOLE_PIXELS an image file is read a band of rows at a time and written as PNG a strip at a time: the
+    same .qae bytes and the same decoded pixels as the whole-image path, never more rows held than a band."""
+    model, mid = rd
+    monkeypatch.setattr(codec, "TILE", 256)
+    rgb = photo_like(600, 300, 8)
+    alpha = np.random.default_rng(8).integers(0, 256, rgb.shape[:2], dtype=np.uint8) if "A" in mode else None
+    src = str(tmp_path / "in.png")
+    imagefiles.write_image(src, rgb, mode, alpha)
+    whole, _ = codec.compress_file(model, mid, src, str(tmp_path / "whole.qae"), quality=3, effort=1)
+    codec.decompress_file(model, mid, whole, str(tmp_path / "whole.png"))
+    held, get = [], imagestream.RowReader.__getitem__
+    monkeypatch.setattr(imagestream.RowReader, "__getitem__", lambda r, i: held.append(len(r.rows)) or get(r, i))
+    monkeypatch.setattr(codec, "decompress", None)  # the streamed path never assembles the image
+    monkeypatch.setattr(imagestream, "WHOLE_PIXELS", 1000)
+    monkeypatch.setattr(codec, "WHOLE_PIXELS", 1000)
+    streamed, _ = codec.compress_file(model, mid, src, str(tmp_path / "streamed.qae"), quality=3, effort=1)
+    assert streamed == whole and held and max(held) <= 256 + 2 * codec.HALO
+    assert codec.decompress_file(model, mid, streamed, str(tmp_path / "streamed.png")) is None
+    a, b = (imagefiles.read_image(str(tmp_path / f"{n}.png")) for n in ("whole", "streamed"))
+    assert a[1] == b[1] == mode and np.array_equal(a[0], b[0])
+    assert (a[2] is None and b[2] is None) or np.array_equal(a[2], b[2])
+
+
+def test_images_a_reader_would_refuse_are_not_coded(rd, monkeypatch):
+    """An image above the readers' default max_pixels is refused before any work, not written undecodable."""
+    model, mid = rd
+    monkeypatch.setattr(codec, "MAX_PIXELS", 1000)
+    with pytest.raises(ValueError, match="at most 1,000 are coded"):
+        compress(model, mid, photo_like(40, 30), quality=2)
+    compress(model, mid, photo_like(40, 25), quality=2)
+
+
+def test_a_streamed_image_is_read_upright(tmp_path, monkeypatch):
+    """A large file with an EXIF orientation is turned upright as the whole-image path turns it."""
+    monkeypatch.setattr(imagestream, "WHOLE_PIXELS", 100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90° clockwise
+    Image.fromarray(photo_like(40, 64, 9)).save(tmp_path / "o.png", exif=exif)
+    reader, mode, alpha, _ = imagestream.open_image(str(tmp_path / "o.png"))
+    whole = imagefiles.read_image(str(tmp_path / "o.png"))[0]
+    assert isinstance(reader, imagestream.RowReader) and reader.shape == whole.shape == (64, 40, 3)
+    assert np.array_equal(reader[0:40, :], whole[:40]) and np.array_equal(reader[30:64, 5:9], whole[30:, 5:9])
+    assert np.array_equal(reader[35:40, :], whole[35:40])  # inside the band held
+    with pytest.raises(ValueError, match="read once, top to bottom"):
+        reader[10:20, :]
+
+
+def test_streamed_alpha_must_hold_the_image_exactly(rd, tmp_path, monkeypatch):
+    """A damaged alpha plane is refused while streaming too, and nothing is left at the output path."""
+    model, mid = rd
+    monkeypatch.setattr(codec, "WHOLE_PIXELS", 100)
+    data = compress(model, mid, photo_like(40, 30, 2), "RGBA", np.full((40, 30), 7, np.uint8), quality=2)
+    header, payload, packed = codec.unpack(data)
+    for alpha in (zlib.compress(bytes(40 * 30 - 30)), zlib.compress(bytes(40 * 30 + 1)), packed[:-3], b"x" + packed):
+        with pytest.raises(FormatError, match="alpha plane corrupted"):
+            codec.decompress_file(model, mid, codec.pack(header, payload, alpha), str(tmp_path / "o.png"))
+        assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_png_rows_written_in_strips_read_back(mode, tmp_path):
+    """write_png's strips of rows make a PNG any reader gives back exactly; a wrong row count is an error."""
+    rng, c = np.random.default_rng(3), len(mode)
+    image = rng.integers(0, 256, (37, 23, c), dtype=np.uint8)
+    image[:20] //= 16  # smooth rows and noisy rows: every branch of the predictor
+    with open(tmp_path / "o.png", "wb") as f:
+        imagestream.write_png(f, 23, 37, mode, (image[r : r + 10] for r in range(0, 37, 10)))
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == mode and np.array_equal(np.asarray(im).reshape(37, 23, c), image)
+    with pytest.raises(ValueError, match="36 rows written to a PNG of 37"):
+        imagestream.write_png(open(tmp_path / "p.png", "wb"), 23, 37, mode, [image[:36]])

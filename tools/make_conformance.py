@@ -24,6 +24,7 @@ from PIL import Image  # noqa: E402
 
 import codec  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
+from imagefiles import read_image  # noqa: E402
 from models.context import MEAN_BITS  # noqa: E402
 from runtime import HelpFormatter  # noqa: E402
 
@@ -110,7 +111,7 @@ def main(argv=None):
             model, ckpt = load_checkpoint(os.path.join(ROOT, "weights", weights))
             models[weights] = model, bytes.fromhex(ckpt["model_id"])
         model, mid = models[weights]
-        rgb, mode, alpha, _ = codec.read_image(os.path.join(args.out, source + ".png"))
+        rgb, mode, alpha, _ = read_image(os.path.join(args.out, source + ".png"))
         data = codec.compress(model, mid, rgb, mode, alpha, quality, coder)
         if version < codec.VERSION:  # one tile, the whole image; version 3 with the range coder
             q, used = model.quality_of(model.rate_param(quality)), codec.RANGE_CODER if version == 3 else coder
