@@ -419,16 +419,23 @@ def _alpha_rows(header, data):
 @torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
 def decoded_strips(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
     """File bytes → (header, strips): strips yields (first row, uint8 RGB (n, W, 3), alpha (n, W) or None) top to
-    bottom, decoding a row of tiles at a time (`progress(done rows, H)` after each strip), so only three rows of
-    latents are held; FormatError for any bad file (when it is opened, or at the strip that is damaged) or one
-    declaring more than max_pixels."""
+    bottom, decoding a row of tiles at a time, so only three rows of latents are held; `progress(done, total)`
+    after each row of tiles decoded and each strip synthesized. FormatError for any bad file (when it is opened,
+    or at the strip that is damaged) or one declaring more than max_pixels."""
     header, tiles, quality = _opened(model, model_id, data, max_pixels)
     h, w, t = header["height"], header["width"], TILE // model.stride
+    steps, done = len(tiles) + -(-header["latent_shape"][1] // t), [0]
+
+    def tick():
+        done[0] += 1
+        if progress:
+            progress(done[0], steps)
 
     def latent_rows():
         """(first latent row, decoded latents "y" as float32) in rows of at most TILE pixels."""
         for row in tiles:
             r0, y = row[0][0][0], _row_latents(model, header, quality, row, synthesis=True)["y"]
+            tick()
             yield from ((r0 + r, y[:, r : r + t]) for r in range(0, y.shape[1], t))
 
     @torch.inference_mode(False)  # around each step of the generator, not just its creation
@@ -436,8 +443,7 @@ def decoded_strips(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
         alpha = _alpha_rows(header, data)
         for r, rgb in _strips(model, latent_rows(), h, w, quality):
             yield r, rgb, alpha(len(rgb))
-            if progress:
-                progress(r + len(rgb), h)
+            tick()
     return header, strips()
 
 

@@ -197,8 +197,11 @@ def test_decoding_holds_three_rows_of_tiles(rd, monkeypatch):
     data = compress(model, mid, photo_like(1000, 40, 5), quality=2)
     events, read_row = [], codec._row_latents
     monkeypatch.setattr(codec, "_row_latents", lambda *a, **k: events.append("decode") or read_row(*a, **k))
-    decompress(model, mid, data, progress=lambda done, total: events.append("strip"))
-    assert events == ["decode", "decode", "strip", "decode", "strip", "decode", "strip", "strip"]
+    steps = []
+    decompress(model, mid, data, progress=lambda done, total: steps.append((done, total)) or events.append("step"))
+    assert events == ["decode", "step", "decode", "step", "step", "decode", "step", "step", "decode", "step", "step",
+                      "step"]  # a strip is synthesized once the next row of tiles is decoded
+    assert steps == [(k, 8) for k in range(1, 9)]
 
 
 def test_tile_sides_out_of_range_are_refused(rd):
