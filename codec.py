@@ -401,16 +401,18 @@ def _alpha_rows(header, data):
     FormatError when the plane is damaged or does not hold exactly H × W values. Inflated as asked for."""
     if header["mode"] not in ("RGBA", "LA"):
         return lambda n: None
-    w, left, d = header["width"], [unpack(data)[2], header["height"]], zlib.decompressobj()
+    w, rows_left, d = header["width"], header["height"], zlib.decompressobj()
+    packed = unpack(data)[2]
 
     def take(n):
+        nonlocal packed, rows_left
         try:
-            raw = d.decompress(left[0], n * w)  # bounded: never inflates more than the rows asked for
-            left[0], left[1] = d.unconsumed_tail, left[1] - n
-            extra = d.decompress(left[0], 1) if left[1] == 0 else b""  # the plane must end with its last row
+            raw = d.decompress(packed, n * w)  # bounded: never inflates more than the rows asked for
+            packed, rows_left = d.unconsumed_tail, rows_left - n
+            extra = d.decompress(packed, 1) if rows_left == 0 else b""  # the plane must end with its last row
         except zlib.error:
             raise FormatError("alpha plane corrupted") from None
-        if len(raw) != n * w or extra or (left[1] == 0 and not d.eof):
+        if len(raw) != n * w or extra or (rows_left == 0 and not d.eof):
             raise FormatError("alpha plane corrupted (wrong size)")
         return np.frombuffer(raw, np.uint8).reshape(n, w)
     return take
@@ -424,12 +426,13 @@ def decoded_strips(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
     or at the strip that is damaged) or one declaring more than max_pixels."""
     header, tiles, quality = _opened(model, model_id, data, max_pixels)
     h, w, t = header["height"], header["width"], TILE // model.stride
-    steps, done = len(tiles) + -(-header["latent_shape"][1] // t), [0]
+    steps, done = len(tiles) + -(-header["latent_shape"][1] // t), 0
 
     def tick():
-        done[0] += 1
+        nonlocal done
+        done += 1
         if progress:
-            progress(done[0], steps)
+            progress(done, steps)
 
     def latent_rows():
         """(first latent row, decoded latents "y" as float32) in rows of at most TILE pixels."""
@@ -450,7 +453,11 @@ def decoded_strips(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
 def decompress(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
     """File bytes → (uint8 H×W×3, mode, alpha or None); FormatError for any bad file or one declaring more
     than max_pixels. Decoded as decoded_strips gives it."""
-    header, strips = decoded_strips(model, model_id, data, max_pixels, progress)
+    return _assembled(*decoded_strips(model, model_id, data, max_pixels, progress))
+
+
+def _assembled(header, strips):
+    """decoded_strips' strips joined: (uint8 H×W×3, mode, alpha or None)."""
     h, w = header["height"], header["width"]
     rgb, alpha = np.empty((h, w, 3), np.uint8), None
     if header["mode"] in ("RGBA", "LA"):
@@ -479,12 +486,11 @@ def decompress_file(model, model_id, data, dst, progress=None):
     """Compressed file bytes → image file dst (format from its extension; "-": PNG on standard output), written
     atomically; `progress(done, total)` as decoded_strips reports it. An image larger than WHOLE_PIXELS written
     as PNG goes out row after row and is never held whole: None is returned; otherwise the decoded RGB array."""
-    header = unpack(data, MAX_PIXELS)[0]
+    header, strips = decoded_strips(model, model_id, data, progress=progress)
     if header["height"] * header["width"] <= WHOLE_PIXELS or (image_format(dst) or "PNG") != "PNG":
-        rgb, mode, alpha = decompress(model, model_id, data, progress=progress)
+        rgb, mode, alpha = _assembled(header, strips)
         write_image(dst, rgb, mode, alpha)
         return rgb
-    header, strips = decoded_strips(model, model_id, data, progress=progress)
     rows = (pil_rows(rgb, header["mode"], alpha) for _, rgb, alpha in strips)
     write_output(dst, lambda f: write_png(f, header["width"], header["height"], header["mode"], rows))
     return None

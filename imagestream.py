@@ -53,11 +53,9 @@ class RowReader:
         return self.rows[start - self.top : end - self.top, cols]
 
     def packed_alpha(self):
-        """The zlib-packed alpha plane (after reading any rows left), or None for an image without alpha."""
-        if not self.packer:
-            return None
+        """The zlib-packed alpha plane, once every row is read (any left are read now)."""
         self._read_to(self.shape[0])
-        self.rows = self.rows[:0]
+        self.rows, self.top = self.rows[:0], self.shape[0]
         return b"".join(self.alpha_bytes) + self.packer.flush()
 
 

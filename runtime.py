@@ -47,9 +47,10 @@ def hand_back_freed_memory():
     large image the heap holds freed blocks of many sizes, and the next tile's activations need fresh ones:
     trimming after each tile keeps the peak to about one tile's working set. Returns whether it ran."""
     try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0)) or True
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         return False
+    return True
 
 
 def resolve_device(name):
