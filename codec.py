@@ -321,9 +321,9 @@ def compress(model, model_id, rgb, mode="RGB", alpha=None, quality=None, coder="
 
 
 def _opened(model, model_id, data, max_pixels):
-    """(header, tiles, quality) of file bytes checked against the model: tiles row after row as (latent rows,
-    latent columns, coder stream); FormatError for any bad file or one declaring more than max_pixels."""
-    header, payload, _ = unpack(data, max_pixels)
+    """(header, tiles, quality, packed alpha) of file bytes checked against the model: tiles row after row as
+    (latent rows, latent columns, coder stream); FormatError for any bad file or one declaring more than max_pixels."""
+    header, payload, alpha = unpack(data, max_pixels)
     if header["model_id"] != model_id:
         raise FormatError(f"file was made by model {header['model_id'].hex()}, "
                           f"but the loaded weights are {model_id.hex()}")
@@ -336,12 +336,12 @@ def _opened(model, model_id, data, max_pixels):
     except ValueError as e:
         raise FormatError(f"file corrupted ({e})") from None
     if not tile:  # before version 5: one tile, the whole image
-        return header, [[((0, shape[1]), (0, shape[2]), payload)]], quality
+        return header, [[((0, shape[1]), (0, shape[2]), payload)]], quality, alpha
     if not MIN_TILE <= tile * model.stride <= MAX_TILE:
         raise FormatError(f"file corrupted (tiles of {tile * model.stride} pixels: {MIN_TILE} … {MAX_TILE} are read)")
     grid = tile_grid(shape, tile)
     streams = iter(split_tiles(payload, sum(map(len, grid))))
-    return header, [[(rows, cols, next(streams)) for rows, cols in row] for row in grid], quality
+    return header, [[(rows, cols, next(streams)) for rows, cols in row] for row in grid], quality, alpha
 
 
 def _read_tile(model, header, quality, rows, cols, payload):
@@ -365,13 +365,16 @@ def _read_tile(model, header, quality, rows, cols, payload):
     return latents
 
 
-def _row_latents(model, header, quality, row, synthesis=False):
-    """A row of tiles decoded and joined: the latents dict of the rows they span (for synthesis: "y" alone, as
-    float32, each tile converted as it comes, so a row costs its float32 latents and one tile more)."""
-    if synthesis:
-        return {"y": torch.cat([_read_tile(model, header, quality, *tile)["y"].float() for tile in row], -1)}
+def _row_latents(model, header, quality, row):
+    """A row of tiles decoded and joined: the latents dict of the rows they span."""
     tiles = [_read_tile(model, header, quality, *tile) for tile in row]
     return {k: torch.cat([t[k] for t in tiles], -1) for k in tiles[0]}
+
+
+def _row_y(model, header, quality, row):
+    """A row of tiles decoded for synthesis: "y" alone as float32, each tile converted as it comes, so a row
+    costs its float32 latents and one tile more."""
+    return torch.cat([_read_tile(model, header, quality, *tile)["y"].float() for tile in row], -1)
 
 
 @torch.inference_mode(False)  # the caller's autograd mode is not ours: ctx keeps tensor versions
@@ -381,7 +384,7 @@ def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
 
     Only integer tables decide the symbols, so the latents are bit-identical on every machine.
     """
-    header, tiles, quality = _opened(model, model_id, data, max_pixels)
+    header, tiles, quality, _ = _opened(model, model_id, data, max_pixels)
     rows = [_row_latents(model, header, quality, row) for row in tiles]
     return header, {k: torch.cat([r[k] for r in rows], -2) for k in rows[0]}, quality
 
@@ -390,19 +393,19 @@ def read_latents(model, model_id, data, max_pixels=MAX_PIXELS):
 def canonical_payload(model, model_id, data, max_pixels=MAX_PIXELS):
     """The payload the encoder writes for the latents a file decodes to. An ANS payload ends exactly where its
     symbols end, so a file of the current coder whose payload differs from this one was damaged."""
-    header, tiles, quality = _opened(model, model_id, data, max_pixels)
+    header, tiles, quality, _ = _opened(model, model_id, data, max_pixels)
     encode = functools.partial(entropy_encode, coder=header["coder"])  # the file's own coder, read-only ones too
     parts = [model.write_latents(_read_tile(model, header, quality, *tile), quality, encode) for row in tiles for tile in row]
     return join_tiles(parts) if header["tile"] else parts[0]
 
 
-def _alpha_rows(header, data):
-    """take(n) → the next n rows of the file's alpha plane (uint8 (n, W)), or None for a file without alpha;
-    FormatError when the plane is damaged or does not hold exactly H × W values. Inflated as asked for."""
+def _alpha_rows(header, packed):
+    """take(n) → the next n rows (uint8 (n, W)) of the alpha plane packed as zlib bytes, or None for a file
+    without alpha; FormatError when the plane is damaged or does not hold exactly H × W values. Inflated as
+    asked for."""
     if header["mode"] not in ("RGBA", "LA"):
         return lambda n: None
     w, rows_left, d = header["width"], header["height"], zlib.decompressobj()
-    packed = unpack(data)[2]
 
     def take(n):
         nonlocal packed, rows_left
@@ -424,7 +427,7 @@ def decoded_strips(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
     bottom, decoding a row of tiles at a time, so only three rows of latents are held; `progress(done, total)`
     after each row of tiles decoded and each strip synthesized. FormatError for any bad file (when it is opened,
     or at the strip that is damaged) or one declaring more than max_pixels."""
-    header, tiles, quality = _opened(model, model_id, data, max_pixels)
+    header, tiles, quality, packed_alpha = _opened(model, model_id, data, max_pixels)
     h, w, t = header["height"], header["width"], TILE // model.stride
     steps, done = len(tiles) + -(-header["latent_shape"][1] // t), 0
 
@@ -437,13 +440,13 @@ def decoded_strips(model, model_id, data, max_pixels=MAX_PIXELS, progress=None):
     def latent_rows():
         """(first latent row, decoded latents "y" as float32) in rows of at most TILE pixels."""
         for row in tiles:
-            r0, y = row[0][0][0], _row_latents(model, header, quality, row, synthesis=True)["y"]
+            r0, y = row[0][0][0], _row_y(model, header, quality, row)
             tick()
             yield from ((r0 + r, y[:, r : r + t]) for r in range(0, y.shape[1], t))
 
     @torch.inference_mode(False)  # around each step of the generator, not just its creation
     def strips():
-        alpha = _alpha_rows(header, data)
+        alpha = _alpha_rows(header, packed_alpha)
         for r, rgb in _strips(model, latent_rows(), h, w, quality):
             yield r, rgb, alpha(len(rgb))
             tick()

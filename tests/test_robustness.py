@@ -195,8 +195,8 @@ def test_decoding_holds_three_rows_of_tiles(rd, monkeypatch):
     model, mid = rd
     monkeypatch.setattr(codec, "TILE", 256)
     data = compress(model, mid, photo_like(1000, 40, 5), quality=2)
-    events, read_row = [], codec._row_latents
-    monkeypatch.setattr(codec, "_row_latents", lambda *a, **k: events.append("decode") or read_row(*a, **k))
+    events, read_row = [], codec._row_y
+    monkeypatch.setattr(codec, "_row_y", lambda *a, **k: events.append("decode") or read_row(*a, **k))
     steps = []
     decompress(model, mid, data, progress=lambda done, total: steps.append((done, total)) or events.append("step"))
     assert events == ["decode", "step", "decode", "step", "step", "decode", "step", "step", "decode", "step", "step",
