@@ -95,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)")
     p.add_argument("--layout", default="auto", choices=("auto", "channels_last", "nchw"),
                    help="memory layout to train in; auto = channels_last, except hyper on a CPU (NCHW: ~10 %% faster there)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training pass (validation stays eager): a one-off compile of about a "
+                        "CPU-minute; on a 2-core x86-64 CPU resctx steps 1.18x faster, hyper in NCHW 11 %% slower")
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
                    help="mixed precision of the transforms (the entropy model and the weights stay fp32): bf16 on a "
                         "CPU with AVX-512 BF16 or AMX, or on CUDA; fp16 on CUDA only")
@@ -427,6 +430,7 @@ def setup(args):
     model = model.to(memory_format=layout).train()
     # Buffers are not broadcast: rank 0 alone rebuilds the entropy tables when it saves.
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    net = torch.compile(net) if args.compile else net  # checkpoints and validation use `model`, uncompiled
     amp, scaler = mixed_precision(args)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, f"{args.name}_log.csv")

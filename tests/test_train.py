@@ -114,6 +114,21 @@ def test_resume_is_exact(photos, tmp_path):
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
 
 
+def test_compiled_training_steps_like_eager_and_saves_plain_weights(photos, tmp_path):
+    """--compile trains the same steps as eager (to float rounding: far less than the last two steps moved the
+    weights), and the checkpoint holds the model's own names, not the compiled wrapper's."""
+    weights = {}
+    for name, steps, flags in (("one", 1, []), ("eager", 3, []), ("compiled", 3, ["--compile"])):
+        out = str(tmp_path / name)
+        r = train("--arch", "rd", "--train-dir", photos, *TINY, "--max-steps", str(steps), "--out", out, *flags)
+        assert r.returncode == 0, r.stderr
+        weights[name] = load_checkpoint(os.path.join(out, "rd_resume.pt"))[0].state_dict()
+    keys = [k for k, v in weights["eager"].items() if v.is_floating_point()]
+    moved = sum((weights["eager"][k] - weights["one"][k]).abs().sum() for k in keys)
+    apart = sum((weights["eager"][k] - weights["compiled"][k]).abs().sum() for k in keys)
+    assert weights["compiled"].keys() == weights["eager"].keys() and 0 < moved and apart < 0.05 * moved
+
+
 def test_empty_data_folder_is_explained(tmp_path):
     r = train("--train-dir", str(tmp_path / "nothing"), "--out", str(tmp_path), cwd=str(tmp_path))
     assert r.returncode != 0 and "no training images" in r.stderr and "Traceback" not in r.stderr
