@@ -99,8 +99,8 @@ def parse_args(argv=None):
                    help="torch.compile the training pass (validation stays eager): a one-off compile of about a "
                         "CPU-minute; on a 2-core x86-64 CPU resctx steps 1.18x faster, hyper in NCHW 11 %% slower")
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
-                   help="mixed precision of the transforms (the entropy model and the weights stay fp32): bf16 on a "
-                        "CPU with AVX-512 BF16 or AMX, or on CUDA; fp16 on CUDA only")
+                   help="mixed precision of the analysis transform (the synthesis, the entropy model and the weights stay "
+                        "fp32): bf16 on a CPU with AVX-512 BF16 or AMX, or on CUDA; fp16 on CUDA only")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p.parse_args(argv)
 

@@ -65,12 +65,15 @@ class TransformCodec(CodingModel):
     def forward(self, x, quality, noise=None):
         """Training pass: the entropy model's pass on g_a(x) (entropy_forward), then the synthesis of its ŷ."""
         u = self.g_a(x)
-        # Under mixed precision only the transforms run in bf16: a bf16 latent of 30 has a step of 0.125, too
+        # Under mixed precision only the analysis runs in bf16. A bf16 latent of 30 has a step of 0.125, too
         # coarse for the quantization noise, the means and the likelihoods, so the entropy model runs in fp32.
+        # So does the synthesis: near 40 dB its bf16 output's rounding is as large as the residual the
+        # distortion gradient follows, and its weights' gradients came out 4-7x further from fp32's than a
+        # new draw of noise moves them (tools/amp_gradients.py; docs/training.md).
         with torch.autocast(x.device.type, enabled=False):
             out = self.entropy_forward(u.float(), quality, noise)
-        x_hat = self.g_s(out.pop("y_hat") * self.gains(quality)[1].to(x.device))
-        return {"x_hat": x_hat.float(), **out}
+            x_hat = self.g_s(out.pop("y_hat") * self.gains(quality)[1].to(x.device))
+        return {"x_hat": x_hat, **out}
 
     def _pixels(self, u):
         """Pixels covered by latents u (B, M, h, w): the rate is counted per pixel of the image."""

@@ -146,17 +146,25 @@ def test_a_wider_model_adopts_a_narrower_one_and_codes_the_same(ctx_ckpt):
     assert wide.g_a[-1].weight.grad[:, new].abs().sum() > 0 and wide.g_s[-1].weight.grad[new].abs().sum() > 0
 
 
-def test_under_bf16_autocast_only_the_transforms_lose_precision():
-    """The training pass under CPU bf16 autocast: reconstruction and likelihoods come back fp32 and the loss stays
-    within 1 % of the fp32 one at the same weights and noise (the entropy model runs in fp32)."""
+def test_under_bf16_autocast_only_the_analysis_loses_precision():
+    """The training pass under CPU bf16 autocast: the analysis' layers compute in bf16, the synthesis' in fp32;
+    reconstruction and likelihoods come back fp32 and the loss stays within 1 % of the fp32 one at the same
+    weights and noise (the entropy model runs in fp32)."""
     torch.manual_seed(0)
     m = build_model(TINY_CTX)
     x = torch.rand(2, 3, 64, 64)
     quality, noise = m.draw_randomness(torch.tensor([3, 4]), 64)
+    dtypes = {}
+    for name, layer in m.named_modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and name.startswith(("g_a", "g_s")):
+            layer.register_forward_hook(lambda mod, inp, out, name=name: dtypes.update({name: out.dtype}))
     with torch.no_grad():
         ref = m.loss(x, m(x, quality, noise), quality)[0]
+        dtypes.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = m(x, quality, noise)
+        assert {d for n, d in dtypes.items() if n.startswith("g_a")} == {torch.bfloat16}
+        assert {d for n, d in dtypes.items() if n.startswith("g_s")} == {torch.float32}
         assert out["x_hat"].dtype == torch.float32 and all(lik.dtype == torch.float32 for lik in out["likelihoods"])
         assert torch.allclose(m.loss(x, out, quality)[0], ref, rtol=0.01)
 

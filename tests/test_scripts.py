@@ -12,6 +12,7 @@ from conftest import ROOT, photo_like
 
 import effort
 import metrics
+from runtime import cpu_has_bf16
 
 
 def run(script, *args, cwd=ROOT):
@@ -153,6 +154,23 @@ def test_gpu_check_runs_on_any_device(hyper_ckpt, tmp_path):
     pairs = [v for v in figures.values() if isinstance(v, dict)]
     assert len(pairs) == 2 and all(v["same_file"] and v["max_pixel_diff_cpu_vs_device_decode"] == 0 for v in pairs)
     assert one_line_error(run("tools/gpu_check.py", "--weights", hyper_ckpt, "--device", "cuda:99"))
+
+
+def test_amp_gradients_compares_bf16_with_a_new_draw(ctx_ckpt, tmp_path):
+    """amp_gradients.py prints each part's fp32 gradient, a new draw's spread and bf16's error; with every
+    transform kept in fp32 the error is exactly zero (the three passes share their noise). Without bf16 in
+    hardware it refuses in one line."""
+    for i in range(2):
+        Image.fromarray(photo_like(70, 80, i)).save(tmp_path / f"{i}.png")
+    args = ("--weights", ctx_ckpt, "--data", str(tmp_path), "--crop", "64", "--keep-fp32", "g_a,g_s")
+    r = run("tools/amp_gradients.py", *args)
+    if not cpu_has_bf16():
+        assert one_line_error(r)
+        return
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in r.stdout.splitlines()[2:]}
+    assert {"g_a", "g_s"} <= set(rows) and all(v[0] > 0 and v[1] > 0 and v[2] == 0 for v in rows.values())
+    assert one_line_error(run("tools/amp_gradients.py", "--weights", ctx_ckpt, "--data", str(tmp_path), "--crop", "512"))
 
 
 @pytest.mark.parametrize("ckpt", ["rd_ckpt", "hyper_ckpt", "ctx_ckpt"])
