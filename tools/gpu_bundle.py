@@ -1,7 +1,7 @@
 """Pack a training burst for a CUDA machine that has nothing of ours: the code, the start checkpoint and the
 training photos in one small folder, and the one command that trains from it.
 
-  python tools/gpu_bundle.py --init weights/ctx.pt --train-dir data/train --out gpu_bundle
+  python tools/gpu_bundle.py --init weights/resctx.pt --train-dir data/train --out gpu_bundle
   sh gpu_bundle/burst.sh OUT                     # there: 9 minutes of training, results in OUT
   sh gpu_bundle/burst.sh OUT --session-minutes 4 --batch-size 16      # any train.py flag overrides the bundle's
 
@@ -27,9 +27,9 @@ from dataset import pack_photos  # noqa: E402
 from imagefiles import list_images  # noqa: E402
 from runtime import HelpFormatter  # noqa: E402
 
-# The burst's training flags: the joint fine-tune of docs/training.md, on a GPU in bf16. --max-minutes sets
-# the learning-rate schedule over every burst of the campaign; --session-minutes stops each one.
-BURST_FLAGS = ("--arch ctx --device cuda --amp bf16 --layout channels_last --batch-size 32 --crop 256 --lr 5e-5 "
+# The burst's training flags: the default's joint fine-tune of docs/training.md, on a GPU in bf16. --max-minutes
+# sets the learning-rate schedule over every burst of the campaign; --session-minutes stops each one.
+BURST_FLAGS = ("--arch resctx --device cuda --amp bf16 --layout channels_last --batch-size 32 --crop 256 --lr 5e-5 "
                "--entropy-lr-scale 1 --warmup 100 --min-lr-ratio 0.1 --max-minutes 600 --session-minutes 9 "
                "--val-dir none --workers 6 --ckpt-minutes 3 --log-every 50")
 
@@ -58,7 +58,7 @@ ls -l "$out"
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--init", default=os.path.join(ROOT, "weights", "ctx.pt"), help="checkpoint the burst starts from")
+    p.add_argument("--init", default=os.path.join(ROOT, "weights", "resctx.pt"), help="checkpoint the burst starts from")
     p.add_argument("--train-dir", default="data/train", help="folder of training photos (searched recursively)")
     p.add_argument("--out", default="gpu_bundle", help="folder to write (replaced if it exists)")
     p.add_argument("--max-mb", type=float, default=50,
