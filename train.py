@@ -68,8 +68,15 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="crops per step")
     p.add_argument("--crop", type=int, default=128, help="crop side in pixels")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4 seed, 1e-3 rd)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="final LR as a share of the peak (cosine decay)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="final LR as a share of the peak")
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "wsd"),
+                   help="LR after the warm-up: cosine decay over the run (--max-steps or --max-minutes), or wsd "
+                        "(warm-up, stable, decay): --lr until the last --cooldown steps of --max-steps, then a linear "
+                        "fall to the final LR. A run of open length at a steady LR can so be branched into a finished "
+                        "one at any step: copy its resume state to a new --out, --resume there with --schedule wsd, "
+                        "--lr = the LR it ran at, --max-steps = its step + --cooldown")
+    p.add_argument("--cooldown", type=int, default=0, help="wsd: steps of the final linear decay (they end at --max-steps)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
     p.add_argument("--entropy-only", action="store_true",
                    help="train only the entropy model (hyperprior, context, priors) on the stored analysis output of "
@@ -250,9 +257,13 @@ class KeyedItems(torch.utils.data.Dataset):
 
 
 def lr_at(step, progress, args):
-    """Linear warm-up, then cosine decay driven by progress in [0, 1] (steps or minutes)."""
+    """Linear warm-up, then cosine decay driven by progress in [0, 1] (steps or minutes), or wsd's plateau and
+    linear cool-down over the last --cooldown steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
+    if args.schedule == "wsd":
+        fall = min(max(step + 1 - (args.max_steps - args.cooldown), 0) / args.cooldown, 1.0)
+        return args.lr * (1 - (1 - args.min_lr_ratio) * fall)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -400,6 +411,8 @@ def setup(args):
     args.name = args.name or (f"seed_{args.arch}" if args.arch in SEED_ARCHS else args.arch)
     args.out = args.out or os.path.join("runs", args.name)
     args.epochs = args.epochs or (10**9 if args.max_minutes or args.max_steps or args.session_minutes else 100)  # a budget alone decides
+    if args.schedule == "wsd" and not 0 < args.cooldown <= args.max_steps:
+        sys.exit("error: --schedule wsd needs --max-steps and a --cooldown of 1 … --max-steps steps")
     if args.seed_noise and args.arch not in SEED_ARCHS:
         sys.exit("error: --seed-noise applies to the seed models (resnet18/34/50/101) only")
     args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)

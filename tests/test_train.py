@@ -1,5 +1,6 @@
 """train.py: a tiny model trains, checkpoints atomically, resumes exactly; clear errors for missing data."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -112,6 +113,24 @@ def test_resume_is_exact(photos, tmp_path):
     wa = load_checkpoint(os.path.join(a, "rd_resume.pt"))[0].state_dict()
     wb = load_checkpoint(os.path.join(b, "rd_resume.pt"))[0].state_dict()
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+
+
+def test_wsd_branches_a_resumed_run_into_a_linear_cool_down(photos, tmp_path):
+    """A run's resume state copied to a new folder and resumed with --schedule wsd holds --lr, then falls
+    linearly over --cooldown steps to --min-lr-ratio × --lr at --max-steps; wsd without its steps is refused."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = ["--arch", "rd", "--train-dir", photos, *TINY, "--warmup", "0", "--log-every", "1"]
+    assert train(*base, "--out", str(a), "--max-steps", "2", "--min-lr-ratio", "1").returncode == 0
+    b.mkdir()
+    shutil.copy(a / "rd_resume.pt", b / "rd_resume.pt")
+    r = train(*base, "--out", str(b), "--resume", "--schedule", "wsd", "--lr", "1e-3", "--max-steps", "7",
+              "--cooldown", "4", "--min-lr-ratio", "0.2")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split(",") for line in (b / "rd_log.csv").read_text().splitlines()[1:]]
+    assert [int(row[0]) for row in rows] == [3, 4, 5, 6, 7]
+    assert [float(row[3]) for row in rows] == pytest.approx([1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    r = train(*base, "--out", str(b), "--schedule", "wsd", "--cooldown", "4")
+    assert r.returncode != 0 and "--schedule wsd needs --max-steps" in r.stderr
 
 
 def test_compiled_training_steps_like_eager_and_saves_plain_weights(photos, tmp_path):
