@@ -73,3 +73,24 @@ def test_source_reencodes_to_the_same_bytes(entry):
     model, mid = shipped(entry["weights"])
     rgb, mode, alpha, _ = read_image(os.path.join(CORPUS, entry["source"]))
     assert sha(codec.compress(model, mid, rgb, mode, alpha, entry["quality"], entry["coder"])) == entry["sha256_file"]
+
+
+def test_missing_mode_adds_a_lost_entry_and_keeps_the_rest(tmp_path):
+    """make_conformance --missing re-creates an entry the manifest lacks, byte for byte, and leaves every recorded
+    entry and file as it was (a new model's files join without re-coding the old ones on another CPU)."""
+    import shutil
+
+    import make_conformance
+
+    shutil.copytree(CORPUS, tmp_path, dirs_exist_ok=True)
+    lost = next(e for e in ENTRIES if e["weights"] == "rd.pt" and e["version"] == codec.VERSION)
+    kept = [e for e in ENTRIES if e is not lost]
+    (tmp_path / "manifest.json").write_text(json.dumps(kept))
+    os.remove(tmp_path / lost["file"])
+    marker = tmp_path / ENTRIES[0]["file"]
+    marker.write_bytes(b"left alone")  # a recorded file is not rewritten
+    make_conformance.main(["--out", str(tmp_path), "--missing"])
+    redone = json.loads((tmp_path / "manifest.json").read_text())
+    assert redone[: len(kept)] == kept and len(redone) == len(ENTRIES)
+    assert redone[-1]["sha256_file"] == lost["sha256_file"] == sha((tmp_path / lost["file"]).read_bytes())
+    assert redone[-1]["sha256_latents"] == lost["sha256_latents"] and marker.read_bytes() == b"left alone"

@@ -1,6 +1,7 @@
 """Write the conformance corpus: small source images, .qae files of every shipped model, and a manifest.
 
   python tools/make_conformance.py            # writes tests/conformance/
+  python tools/make_conformance.py --missing  # adds a newly shipped model's files, keeps the recorded ones
 
 The manifest holds, per file, the SHA-256 of the file, of its decoded image and of its decoded
 latents; decoded/ holds each file's decoded image as PNG. tests/test_conformance.py checks that the
@@ -102,39 +103,59 @@ def legacy(data, version, latent_bytes):
     return codec.pack(header, latent_bytes, alpha, version)
 
 
+def make_file(model, mid, weights, source, quality, coder, version, out):
+    """Code one source image into out/, save its decoded image; its manifest entry."""
+    rgb, mode, alpha, _ = read_image(os.path.join(out, source + ".png"))
+    data = codec.compress(model, mid, rgb, mode, alpha, quality, coder)
+    if version < codec.VERSION:  # one tile, the whole image; version 3 with the range coder
+        q, used = model.quality_of(model.rate_param(quality)), codec.RANGE_CODER if version == 3 else coder
+        whole = model.write_latents(codec.latents_of(model, rgb, q), q, lambda segs: codec.entropy_encode(segs, used))
+        data = legacy(data, version, whole)
+    name = entry_name(weights, source, quality, coder, version)
+    with open(os.path.join(out, name), "wb") as f:
+        f.write(data)
+    _, lat, _ = codec.read_latents(model, mid, data)
+    decoded = codec.decompress(model, mid, data)
+    save_decoded(decoded, os.path.join(out, "decoded", name + ".png"))
+    print(f"{name}: {len(data)} bytes")
+    return {"file": name, "source": source + ".png", "weights": weights, "quality": quality, "coder": coder,
+            "version": version, "model_id": mid.hex(), "sha256_file": sha(data),
+            "sha256_image": image_digest(*decoded), "sha256_latents": latent_digest(lat)}
+
+
+def entry_name(weights, source, quality, coder, version):
+    """The corpus file name of one FILES entry."""
+    return f"{os.path.splitext(weights)[0]}_{source}_q{quality}_{coder[:5]}_v{version}.qae"
+
+
 def main(argv=None):
     """Write sources, files and manifest.json into --out."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "tests", "conformance"), help="corpus folder")
+    p.add_argument("--missing", action="store_true",
+                   help="write only the files the manifest lacks (a newly shipped model's) and keep every recorded "
+                        "file and entry as it is: re-coding on another CPU changes the float synthesis' decoded PNGs")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    make_sources(args.out)
-    models, entries = {}, []
+    manifest = os.path.join(args.out, "manifest.json")
+    entries = []
+    if args.missing and os.path.exists(manifest):
+        with open(manifest) as f:
+            entries = json.load(f)
+    if not entries:
+        make_sources(args.out)
+    recorded, models = {e["file"] for e in entries}, {}
     for weights, source, quality, coder, version in FILES:
+        if entry_name(weights, source, quality, coder, version) in recorded:
+            continue
         if weights not in models:
             model, ckpt = load_checkpoint(os.path.join(ROOT, "weights", weights))
             models[weights] = model, bytes.fromhex(ckpt["model_id"])
-        model, mid = models[weights]
-        rgb, mode, alpha, _ = read_image(os.path.join(args.out, source + ".png"))
-        data = codec.compress(model, mid, rgb, mode, alpha, quality, coder)
-        if version < codec.VERSION:  # one tile, the whole image; version 3 with the range coder
-            q, used = model.quality_of(model.rate_param(quality)), codec.RANGE_CODER if version == 3 else coder
-            whole = model.write_latents(codec.latents_of(model, rgb, q), q, lambda segs: codec.entropy_encode(segs, used))
-            data = legacy(data, version, whole)
-        name = f"{os.path.splitext(weights)[0]}_{source}_q{quality}_{coder[:5]}_v{version}.qae"
-        with open(os.path.join(args.out, name), "wb") as f:
-            f.write(data)
-        _, lat, _ = codec.read_latents(model, mid, data)
-        latent_sha = latent_digest(lat)
-        decoded = codec.decompress(model, mid, data)
-        save_decoded(decoded, os.path.join(args.out, "decoded", name + ".png"))
-        entries.append({"file": name, "source": source + ".png", "weights": weights, "quality": quality, "coder": coder,
-                        "version": version, "model_id": mid.hex(), "sha256_file": sha(data),
-                        "sha256_image": image_digest(*decoded), "sha256_latents": latent_sha})
-        print(f"{name}: {len(data)} bytes")
-    with open(os.path.join(args.out, "manifest.json"), "w") as f:
+        entries.append(make_file(*models[weights], weights, source, quality, coder, version, args.out))
+    with open(manifest + ".tmp", "w") as f:
         json.dump(entries, f, indent=1)
         f.write("\n")
+    os.replace(manifest + ".tmp", manifest)
 
 
 if __name__ == "__main__":
