@@ -11,6 +11,7 @@ sys.path.insert(0, ROOT)
 
 from checkpoint import save_checkpoint  # noqa: E402
 from model import CtxConfig, HyperConfig, RDConfig, SeedConfig, build_model  # noqa: E402
+from models.residual import ResCtxConfig  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Parallel test processes (pytest -n): one thread each, and for the scripts they start, so the
@@ -22,6 +23,7 @@ TINY_RD = RDConfig(N=16, M=24)
 TINY_HYPER = HyperConfig(N=16, M=24, H=8)
 TINY_CTX = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16, spatial=8)  # with a checkerboard
 TINY_CTX_PLAIN = CtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16)  # channel context only
+TINY_RESCTX = ResCtxConfig(N=16, M=24, H=8, slices=(4, 8, 12), context=16, spatial=8, blocks=(0, 1, 1))
 TINY_SEED = SeedConfig(arch="resnet18", latent_channels=32, decoder_channels=(32, 16, 16, 8, 8))
 
 
@@ -59,6 +61,7 @@ rd_ckpt = tiny_fixture(TINY_RD, "rd_tiny.pt", "A tiny untrained rd checkpoint wi
 hyper_ckpt = tiny_fixture(TINY_HYPER, "hyper_tiny.pt", "A tiny untrained hyperprior checkpoint with its tables built.")
 ctx_ckpt = tiny_fixture(TINY_CTX, "ctx_tiny.pt", "A tiny untrained context-model checkpoint (3 slices, checkerboard).")
 ctx_plain_ckpt = tiny_fixture(TINY_CTX_PLAIN, "ctx_plain_tiny.pt", "The same without the checkerboard.")
+resctx_ckpt = tiny_fixture(TINY_RESCTX, "resctx_tiny.pt", "A tiny untrained resctx checkpoint (ctx with residual blocks).")
 
 
 @pytest.fixture(scope="session")

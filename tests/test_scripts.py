@@ -173,7 +173,7 @@ def test_amp_gradients_compares_bf16_with_a_new_draw(ctx_ckpt, tmp_path):
     assert one_line_error(run("tools/amp_gradients.py", "--weights", ctx_ckpt, "--data", str(tmp_path), "--crop", "512"))
 
 
-@pytest.mark.parametrize("ckpt", ["rd_ckpt", "hyper_ckpt", "ctx_ckpt"])
+@pytest.mark.parametrize("ckpt", ["rd_ckpt", "hyper_ckpt", "ctx_ckpt", "resctx_ckpt"])
 def test_coding_report_measures_both_coders(ckpt, tmp_path, request):
     """coding_report.py codes every image at every quality with both coders (round trip asserted inside),
     prints the shares and thread check, and refuses a quality outside the model's range in one line."""
@@ -185,6 +185,8 @@ def test_coding_report_measures_both_coders(ckpt, tmp_path, request):
     assert r.stdout.count("symbols identical in 2/2 images") == 2
     assert r.stdout.count("arithmetic-compressor") == 2 and "share of the whole time" in r.stdout
     assert one_line_error(run("tools/coding_report.py", "--weights", weights, "--data", str(tmp_path), "--quality", "99"))
+    if ckpt == "rd_ckpt":  # the seed has no entropy model to report on
+        assert one_line_error(run("tools/coding_report.py", "--weights", request.getfixturevalue("seed_ckpt"), "--data", str(tmp_path)))
 
 
 def test_empty_shards_merge_and_a_missing_results_file_is_one_line(rd_ckpt, tmp_path):

@@ -33,6 +33,7 @@ from checkpoint import load_checkpoint  # noqa: E402
 from codec import (CODERS, HEADER_BYTES, SymbolDecoder, compress_file, decompress_file, entropy_encode,  # noqa: E402
                    image_of, latents_of, read_latents)
 from imagefiles import list_images, read_image  # noqa: E402
+from models.transform import TransformCodec  # noqa: E402
 from runtime import HelpFormatter, keep_freed_memory  # noqa: E402
 
 
@@ -185,7 +186,7 @@ def main(argv=None):
     args = parse_args(argv)
     keep_freed_memory()  # as test.py does
     model, ckpt = load_checkpoint(args.weights)
-    if ckpt["kind"] not in ("rd", "hyper", "ctx"):
+    if not isinstance(model, TransformCodec):  # the seed's B-bit latents have no entropy model to report on
         sys.exit(f"error: {args.weights} is a {ckpt['kind']} checkpoint; this report is about the learned models' entropy coding")
     paths = list_images(args.data)[: args.limit or None]
     if not paths:
