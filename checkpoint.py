@@ -5,6 +5,7 @@ with a per-channel scale (`pack_state`).
 """
 import hashlib
 import os
+from copy import deepcopy
 from dataclasses import asdict
 
 import torch
@@ -60,6 +61,15 @@ def unpack_state(state):
         else:
             out[k] = v.float() if v.is_floating_point() else v
     return out
+
+
+def as_stored(model, precision):
+    """A copy of the model whose weights are what a checkpoint at `precision` holds (rounded as pack_state
+    rounds them), for building the entropy tables from the weights a user will code with."""
+    copy = deepcopy(model)
+    rounded = unpack_state(pack_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, precision))
+    copy.load_state_dict(rounded)
+    return copy
 
 
 def save_checkpoint(path, model, precision="fp32", **extra):

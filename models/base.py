@@ -44,7 +44,9 @@ class CodingModel(nn.Module, metaclass=abc.ABCMeta):
     train.py uses, nothing else (docs/architecture.md tables both; a test checks the table against this class).
     Abstract methods are what each model must provide; the others have a default that fits most models."""
 
-    SHIP_PRECISION = "fp32"  # how train.py stores the shippable checkpoint (checkpoint.pack_state)
+    # How train.py stores the shippable checkpoint (checkpoint.pack_state). fp16 halves the file at no measured
+    # cost (resctx.pt stored in fp16, tables rebuilt: BD-rate +0.0 % on Kodak); int8 cost +6.9 %.
+    SHIP_PRECISION = "fp16"
 
     ENTROPY_MODULES = ()  # the entropy model's submodules: what train.py --entropy-only trains
 

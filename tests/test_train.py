@@ -193,6 +193,22 @@ def test_int8_storage_is_close_and_compact(tmp_path):
             assert (loaded[k] - v).abs().max() <= 0.55 * step, k  # half a step + the fp16 scale's rounding
 
 
+def test_learned_checkpoints_ship_fp16_with_tables_of_the_stored_weights(photos, tmp_path):
+    """A learned model's shippable checkpoint holds fp16 weights (half the file) and the entropy tables of those
+    rounded weights: rebuilding them after loading changes nothing, so the file codes as its own weights say."""
+    r = train("--arch", "ctx", "--rd-channels", "16,24,8", "--train-dir", photos, "--max-steps", "2", *TINY[2:],
+              "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    model, ckpt = load_checkpoint(str(tmp_path / "ctx.pt"))
+    assert ckpt["precision"] == "fp16" and all(v.dtype in (torch.float16, torch.int64, torch.int32, torch.uint8, torch.int16)
+                                               for v in ckpt["model"].values())
+    stored = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point()}
+    model.build_tables()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stored.items())
+    resumed = load_checkpoint(str(tmp_path / "ctx_resume.pt"))[1]
+    assert all(v.dtype != torch.float16 for v in resumed["model"].values())  # the run itself goes on in fp32
+
+
 def test_default_output_is_a_run_folder_not_the_shipped_weights(photos, tmp_path):
     """Without --out a run writes to runs/NAME/ under the working directory; weights/ is left alone."""
     shipped = {f: os.path.getmtime(os.path.join(ROOT, "weights", f)) for f in os.listdir(os.path.join(ROOT, "weights"))}
