@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from conftest import ROOT, photo_like
@@ -237,3 +238,24 @@ def test_a_folder_compresses_on_a_local_dask_cluster(rd_ckpt, tmp_path):
         assert codec.decompress(data).size == (32, 24 + 8 * i)
     blob = pickle.dumps(codec)
     assert len(blob) < 1000 and pickle.loads(blob) is pickle.loads(blob)  # a path, resolved once per process
+
+
+def test_store_precision_writes_a_smaller_model_that_codes(resctx_ckpt, tmp_path):
+    """store_precision.py rounds a checkpoint to fp16: a smaller file of its own identity, with tables of the rounded
+    weights, that compresses and decompresses; it refuses to replace its source."""
+    from checkpoint import load_checkpoint
+    from codec import compress, decompress
+
+    dst = tmp_path / "half.pt"
+    r = run("tools/store_precision.py", resctx_ckpt, str(dst), "--precision", "fp16")
+    assert r.returncode == 0, r.stderr
+    (model, ckpt), (_, source) = load_checkpoint(str(dst)), load_checkpoint(resctx_ckpt)
+    assert ckpt["model_id"] != source["model_id"] and os.path.getsize(dst) < 0.75 * os.path.getsize(resctx_ckpt)
+    assert source["model_id"] in ckpt["notes"]
+    tables = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point()}
+    model.build_tables()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in tables.items())
+    rgb = photo_like(48, 64, 3)
+    mid = bytes.fromhex(ckpt["model_id"])
+    assert decompress(model, mid, compress(model, mid, rgb, quality=4))[0].shape == rgb.shape
+    assert one_line_error(run("tools/store_precision.py", resctx_ckpt, resctx_ckpt))
