@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, photo_like
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import as_stored, load_checkpoint, save_checkpoint
 from model import HyperConfig, build_model
 from models.base import geometric_ladder
 
@@ -95,11 +95,12 @@ def test_init_from_a_hyper_checkpoint_with_another_ladder(photos, tmp_path):
     assert r.returncode == 0 and "another config" in r.stdout and "Gaussians" not in r.stdout, r.stderr
     hp, _ = load_checkpoint(str(tmp_path / "hp" / "hyper.pt"))
     assert hp.cfg.lambdas == ladder
-    assert torch.allclose(hp.h_s[-1].weight, source.h_s[-1].weight, atol=1e-6)
-    assert torch.allclose(hp.h_a[0].weight, source.h_a[0].weight, atol=1e-6)
-    assert torch.allclose(hp.prior.biases[0], source.prior.biases[0], atol=1e-6)
-    for q in range(1, 8):  # the source's quality q has the λ of the new quality q + 1
-        assert torch.allclose(hp.gains(q + 1.0)[0], source.gains(float(q))[0], rtol=1e-4)
+    kept = {"rtol": 1e-3, "atol": 1e-6}  # to the fp16 storage of the shipped checkpoint
+    assert torch.allclose(hp.h_s[-1].weight, source.h_s[-1].weight, **kept)
+    assert torch.allclose(hp.h_a[0].weight, source.h_a[0].weight, **kept)
+    assert torch.allclose(hp.prior.biases[0], source.prior.biases[0], **kept)
+    for q in range(1, 8):  # the source's quality q has the λ of the new quality q + 1 (fp16 log-gains: ±0.1 %)
+        assert torch.allclose(hp.gains(q + 1.0)[0], source.gains(float(q))[0], rtol=2e-3)
 
 
 def test_resume_is_exact(photos, tmp_path):
@@ -221,13 +222,14 @@ def test_default_output_is_a_run_folder_not_the_shipped_weights(photos, tmp_path
 
 def test_entropy_only_trains_the_entropy_model_alone(photos, tmp_path, hyper_ckpt):
     """--entropy-only from a hyper checkpoint into a ctx model: the transforms and gains stay exactly as
-    started, the hyperprior and context networks move, and the checkpoint codes an image."""
+    started (as the shipped file stores them), the hyperprior and context networks move, and the checkpoint
+    codes an image."""
     out = str(tmp_path)
     r = train("--arch", "ctx", "--rd-channels", "16,24,8", "--train-dir", photos, "--out", out, "--max-steps", "3",
               "--init", hyper_ckpt, "--entropy-only", "--lr", "1e-3", *TINY[2:])
     assert r.returncode == 0 and "transforms frozen" in r.stdout, r.stderr
-    source, _ = load_checkpoint(hyper_ckpt)
     trained, ckpt = load_checkpoint(os.path.join(out, "ctx.pt"))
+    source = as_stored(load_checkpoint(hyper_ckpt)[0], ckpt["precision"])  # as the shipped file stores weights
     assert ckpt["recipe"]["entropy_only"] and ckpt["step"] == 3
     for name in ("g_a.0.weight", "g_s.0.weight", "log_gain", "log_igain"):
         assert torch.equal(dict(source.named_parameters())[name], dict(trained.named_parameters())[name]), name
