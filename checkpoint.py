@@ -80,6 +80,14 @@ def save_checkpoint(path, model, precision="fp32", **extra):
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
+def save_coding_checkpoint(path, model, precision, **extra):
+    """Write the checkpoint a user codes with: the weights rounded to `precision` and the entropy tables built
+    from those rounded weights (the model passed in keeps its own weights)."""
+    stored = as_stored(model, precision)
+    stored.build_tables()
+    save_checkpoint(path, stored, precision=precision, **extra)
+
+
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model from a checkpoint file alone; returns (model in eval mode, checkpoint dict)."""
     try:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import as_stored, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint, save_coding_checkpoint
 from dataset import CropDataset, LatentBank, on_device, photo_sources, split_paths
 from model import KINDS, CtxConfig, CtxModel, HyperConfig, RDConfig, SeedConfig, build_model
 from models.base import geometric_ladder
@@ -310,10 +310,8 @@ def self_description(model, state, args):
 def save_shippable(path, model, state, args):
     """The checkpoint a user codes with (no optimizer): the weights at the model's SHIP_PRECISION and the tables
     built from those rounded weights (the training run keeps its fp32 weights), written atomically."""
-    model = as_stored(model, model.SHIP_PRECISION)
-    model.build_tables()
     shipped = {k: v for k, v in state.items() if k != "earlier_stages"}
-    save_checkpoint(path, model, precision=model.SHIP_PRECISION, **self_description(model, state, args), **shipped)
+    save_coding_checkpoint(path, model, model.SHIP_PRECISION, **self_description(model, state, args), **shipped)
 
 
 def save_all(model, opt, state, args):

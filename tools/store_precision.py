@@ -4,9 +4,9 @@
 
 The weights are rounded as checkpoint.pack_state stores them (fp16, or int8 with an fp16 scale per
 output channel for the large weights) and the entropy tables are rebuilt from the rounded weights, as
-train.py does for the checkpoints it ships. The result is another model (its own identity): files made
-with the source do not decode with it, so compare the two with benchmark.py before using it. The
-source keeps its history; the new file records where it came from.
+train.py does for the checkpoints it ships (checkpoint.save_coding_checkpoint). The result is another
+model (its own identity): files made with the source do not decode with it, so compare the two with
+benchmark.py before using it. The source keeps its history; the new file records where it came from.
 """
 import argparse
 import os
@@ -15,7 +15,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from checkpoint import as_stored, load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, save_coding_checkpoint  # noqa: E402
 from runtime import HelpFormatter  # noqa: E402
 
 OWN = ("kind", "config", "model", "model_id", "precision")  # what save_checkpoint writes anew
@@ -34,12 +34,10 @@ def main(argv=None):
         model, ckpt = load_checkpoint(args.src)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    stored = as_stored(model, args.precision)
-    stored.build_tables()
     extra = {k: v for k, v in ckpt.items() if k not in OWN}
     extra["notes"] = (str(ckpt.get("notes") or "") + f" Weights stored in {args.precision} from {os.path.basename(args.src)} "
                       f"(identity {ckpt['model_id']}) by tools/store_precision.py.").strip()
-    save_checkpoint(args.dst, stored, precision=args.precision, **extra)
+    save_coding_checkpoint(args.dst, model, args.precision, **extra)
     new = load_checkpoint(args.dst)[1]
     print(f"{args.dst}: {args.precision}, identity {new['model_id']}, {os.path.getsize(args.dst) / 1e6:.1f} MB "
           f"(source {os.path.getsize(args.src) / 1e6:.1f} MB)")
