@@ -413,6 +413,8 @@ def setup(args):
     args.epochs = args.epochs or (10**9 if args.max_minutes or args.max_steps or args.session_minutes else 100)  # a budget alone decides
     if args.schedule == "wsd" and not 0 < args.cooldown <= args.max_steps:
         sys.exit("error: --schedule wsd needs --max-steps and a --cooldown of 1 … --max-steps steps")
+    if args.cooldown and args.schedule != "wsd":
+        sys.exit("error: --cooldown applies to --schedule wsd only (the cosine schedule decays over the whole run)")
     if args.seed_noise and args.arch not in SEED_ARCHS:
         sys.exit("error: --seed-noise applies to the seed models (resnet18/34/50/101) only")
     args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)

@@ -132,6 +132,8 @@ def test_wsd_branches_a_resumed_run_into_a_linear_cool_down(photos, tmp_path):
     assert [float(row[3]) for row in rows] == pytest.approx([1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
     r = train(*base, "--out", str(b), "--schedule", "wsd", "--cooldown", "4")
     assert r.returncode != 0 and "--schedule wsd needs --max-steps" in r.stderr
+    r = train(*base, "--out", str(b), "--max-steps", "7", "--cooldown", "4")  # cosine would ignore it
+    assert r.returncode != 0 and "--cooldown applies to --schedule wsd only" in r.stderr
 
 
 def test_compiled_training_steps_like_eager_and_saves_plain_weights(photos, tmp_path):
