@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -77,6 +78,10 @@ def parse_args(argv=None):
                         "one at any step: copy its resume state to a new --out, --resume there with --schedule wsd, "
                         "--lr = the LR it ran at, --max-steps = its step + --cooldown")
     p.add_argument("--cooldown", type=int, default=0, help="wsd: steps of the final linear decay (they end at --max-steps)")
+    p.add_argument("--ema", type=float, default=0,
+                   help="also keep an exponential moving average of the weights, this decay a step (e.g. 0.999; 0 = off): "
+                        "validated each epoch beside the weights (ema_val_loss in losses.txt), written as OUT/NAME_ema.pt "
+                        "and OUT/NAME_ema_best.pt, kept in the resume state")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
     p.add_argument("--entropy-only", action="store_true",
                    help="train only the entropy model (hyperprior, context, priors) on the stored analysis output of "
@@ -314,11 +319,35 @@ def save_shippable(path, model, state, args):
     save_coding_checkpoint(path, model, model.SHIP_PRECISION, **self_description(model, state, args), **shipped)
 
 
-def save_all(model, opt, state, args):
-    """Atomically write the resume state (weights + optimizer + RNG) and the shippable checkpoint."""
-    save_shippable(os.path.join(args.out, f"{args.name}.pt"), model, state, args)
-    save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), model, optimizer=opt.state_dict(),
-                    torch_rng=torch.get_rng_state(), **self_description(model, state, args), **state)
+def save_all(run, state, args):
+    """Atomically write the resume state (weights + optimizer + RNG + average) and the shippable checkpoint(s)."""
+    save_shippable(os.path.join(args.out, f"{args.name}.pt"), run.model, state, args)
+    average = {}
+    if run.ema is not None:
+        save_shippable(os.path.join(args.out, f"{args.name}_ema.pt"), run.ema.module, state, args)
+        average = {"ema": {"n": int(run.ema.n_averaged), "decay": args.ema,
+                           "params": {k: v.detach().cpu() for k, v in run.ema.module.named_parameters()}}}
+    save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), run.model, optimizer=run.opt.state_dict(),
+                    torch_rng=torch.get_rng_state(), **self_description(run.model, state, args), **state, **average)
+
+
+def make_ema(model, args):
+    """--ema: the moving average of the weights (parameters only: the entropy tables are rebuilt from them), continued
+    from the resume state when it holds one, else started at the current weights."""
+    if not args.ema:
+        return None
+    if not 0 < args.ema < 1:
+        sys.exit(f"error: --ema {args.ema:g}: the decay is a share of the average kept each step, between 0 and 1")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=False)
+    path = os.path.join(args.out, f"{args.name}_resume.pt")
+    saved = load_checkpoint(path)[1].get("ema") if args.resume and os.path.exists(path) else None
+    if saved:
+        with torch.no_grad():
+            for k, p in ema.module.named_parameters():
+                p.copy_(saved["params"][k])
+        ema.n_averaged.fill_(saved["n"])
+        print(f"weight average (--ema) continued over {saved['n']} steps (decay {saved['decay']:g})")
+    return ema
 
 
 def setup_distributed(args):
@@ -404,6 +433,7 @@ class Run:
     log_path: str
     layout: torch.memory_format  # of the model and every batch, chosen once by training_layout
     forward_kwargs: dict  # extra arguments of every training pass (the seed's --seed-noise)
+    ema: object = None  # AveragedModel of `model` (--ema), rank 0 only
 
 
 def setup(args):
@@ -436,7 +466,7 @@ def setup(args):
     model = make_model(args).to(args.device)
     opt = make_optimizer(model, args)
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "elapsed": 0.0, "cpu": 0.0, "loss_ema": 0.0, "skipped": 0, "best_val": math.inf,
-             "earlier_stages": []}
+             "ema_best_val": math.inf, "earlier_stages": []}
     model, opt, state = resume_or_init(model, opt, state, args)
     start_model(model, state, args, train_set)
     if args.entropy_only:
@@ -453,7 +483,7 @@ def setup(args):
         with open(log_path, "w") as f:
             f.write("step,epoch,minutes,lr,loss,mse,psnr,bpp,samples_per_s,cpu_minutes\n")
     run = Run(model, net, opt, scaler, amp, vgg, rank, world, log_path, layout,
-              {"mode": "seed_noise"} if args.seed_noise else {})
+              {"mode": "seed_noise"} if args.seed_noise else {}, make_ema(model, args) if rank == 0 else None)
     return run, state, train_set, val_set
 
 
@@ -532,6 +562,8 @@ def train_step(run, x, seeds, state, args, start, start_cpu):
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip)
     run.scaler.step(run.opt)
     run.scaler.update()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
     state["step"] += 1
     return loss_value, parts
 
@@ -583,13 +615,13 @@ def main(argv=None):
                 done = True
                 break
             if run.rank == 0 and time.time() - last_ckpt > args.ckpt_minutes * 60:
-                save_all(run.model, run.opt, state, args)
+                save_all(run, state, args)
                 last_ckpt = time.time()
         if done and state["epoch_step"] < steps_per_epoch(train_set, args):
             break  # a partial epoch is not logged as an epoch
         state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
         if run.rank == 0:
-            end_of_epoch(run.model, run.opt, state, args, val_set, run.vgg, sums)
+            end_of_epoch(run, state, args, val_set, sums)
             last_ckpt = time.time() if state["epoch"] % 5 == 0 else last_ckpt
     finish(run, state, args, time.time() >= session_end)
 
@@ -618,7 +650,7 @@ def stop_reason(state, args, session_over=False):
 def finish(run, state, args, session_over=False):
     """Final checkpoint (rank 0), why the run stopped, and leaving the process group."""
     if run.rank == 0:
-        save_all(run.model, run.opt, state, args)
+        save_all(run, state, args)
         print(f"stopped: {stop_reason(state, args, session_over)}; saved {os.path.join(args.out, args.name)}.pt at step {state['step']} "
               f"({state['elapsed'] / 60:.1f} min in all, {state['skipped']} spiking batches skipped)")
         if math.isfinite(state["best_val"]):
@@ -629,23 +661,39 @@ def finish(run, state, args, session_over=False):
         dist.destroy_process_group()
 
 
-def end_of_epoch(model, opt, state, args, val_set, vgg, sums):
-    """Validate, append to losses.txt, keep the best checkpoint by validation loss, checkpoint every 5 epochs."""
-    val = validate(model, val_set, vgg, args)
+def end_of_epoch(run, state, args, val_set, sums):
+    """Validate the weights (and their --ema average), append to losses.txt, keep the best checkpoint of each by
+    validation loss, checkpoint every 5 epochs."""
+    val = validate(run.model, val_set, run.vgg, args)
+    averaged = validate(run.ema.module, val_set, run.vgg, args) if run.ema is not None else None
     train_loss = sums.get("loss", 0) / max(sums.get("n", 0), 1)
     with open(os.path.join(args.out, "losses.txt"), "a") as f:
-        f.write(f"{args.name} epoch {state['epoch']} step {state['step']} train_loss {train_loss:.6f} "
-                f"val_loss {val['loss']:.6f} val_psnr {val['psnr']:.3f}"
-                + (f" val_bpp {val['bpp']:.4f}" if "bpp" in val else "")
-                + f" minutes {state['elapsed'] / 60:.1f} cpu_minutes {state.get('cpu', 0) / 60:.1f}\n")
-    qualities = ", ".join("the seed's rate" if q is None else f"{q:g}" for q in model.validation_qualities())
+        f.write(f"{args.name} epoch {state['epoch']} step {state['step']} train_loss {train_loss:.6f} {scores('val', val)}"
+                f" minutes {state['elapsed'] / 60:.1f} cpu_minutes {state.get('cpu', 0) / 60:.1f}"
+                + (f" {scores('ema_val', averaged)}" if averaged else "") + "\n")
+    qualities = ", ".join("the seed's rate" if q is None else f"{q:g}" for q in run.model.validation_qualities())
     print(f"epoch {state['epoch']} step {state['step']}: train loss {train_loss:.5f}; validation (mean over quality "
-          f"{qualities}): loss {val['loss']:.5f}, PSNR {val['psnr']:.2f} dB" + (f", bpp {val['bpp']:.3f}" if "bpp" in val else ""))
-    if val["loss"] < state["best_val"]:  # the run keeps its best weights, whatever later epochs do
-        state["best_val"] = val["loss"]
-        save_shippable(os.path.join(args.out, f"{args.name}_best.pt"), model, state, args)
+          f"{qualities}): loss {val['loss']:.5f}, PSNR {val['psnr']:.2f} dB" + (f", bpp {val['bpp']:.3f}" if "bpp" in val else "")
+          + (f"; weight average: loss {averaged['loss']:.5f}, PSNR {averaged['psnr']:.2f} dB" if averaged else ""))
+    keep_best(run.model, val, "best_val", "best", state, args)
+    if averaged:
+        keep_best(run.ema.module, averaged, "ema_best_val", "ema_best", state, args)
     if state["epoch"] % 5 == 0:
-        save_all(model, opt, state, args)
+        save_all(run, state, args)
+
+
+def scores(prefix, val):
+    """A losses.txt fragment of one validation: loss, PSNR and (learned models) bpp, each named with prefix."""
+    return (f"{prefix}_loss {val['loss']:.6f} {prefix}_psnr {val['psnr']:.3f}"
+            + (f" {prefix}_bpp {val['bpp']:.4f}" if "bpp" in val else ""))
+
+
+def keep_best(model, val, key, suffix, state, args):
+    """Write OUT/NAME_<suffix>.pt when this validation beats state[key]: the run keeps its best weights, whatever
+    later epochs do."""
+    if val["loss"] < state[key]:
+        state[key] = val["loss"]
+        save_shippable(os.path.join(args.out, f"{args.name}_{suffix}.pt"), model, state, args)
 
 
 if __name__ == "__main__":

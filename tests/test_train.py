@@ -116,6 +116,29 @@ def test_resume_is_exact(photos, tmp_path):
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
 
 
+def test_weight_average_resumes_exactly_and_is_validated_and_shipped(photos, tmp_path):
+    """--ema: 2 + 2 resumed steps give the same average as 4 uninterrupted steps; it differs from the weights, each
+    epoch validates it (ema_val_loss) and it ships as NAME_ema.pt / NAME_ema_best.pt; a decay outside (0, 1) is refused."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    base = ["--arch", "rd", "--train-dir", photos, *TINY, "--warmup", "0", "--min-lr-ratio", "1", "--ema", "0.5"]
+    assert train(*base, "--out", a, "--max-steps", "4").returncode == 0
+    assert train(*base, "--out", b, "--max-steps", "2").returncode == 0
+    r = train(*base, "--out", b, "--max-steps", "4", "--resume")
+    assert r.returncode == 0 and "weight average (--ema) continued over 2 steps" in r.stdout, r.stderr
+    ckpt_a = load_checkpoint(os.path.join(a, "rd_resume.pt"))[1]
+    ema_a, ema_b = (load_checkpoint(os.path.join(d, "rd_resume.pt"))[1]["ema"] for d in (a, b))
+    assert ema_a["n"] == ema_b["n"] == 4
+    assert all(torch.allclose(ema_a["params"][k], ema_b["params"][k], atol=1e-6) for k in ema_a["params"])
+    weights = ckpt_a["model"]
+    assert any(not torch.allclose(ema_a["params"][k], weights[k].float()) for k in ema_a["params"])
+    assert "ema_val_loss" in open(os.path.join(a, "losses.txt")).read()
+    shipped, _ = load_checkpoint(os.path.join(a, "rd_ema.pt"))
+    assert torch.allclose(shipped.state_dict()["g_s.0.weight"], ema_a["params"]["g_s.0.weight"], atol=1e-3)
+    assert os.path.exists(os.path.join(a, "rd_ema_best.pt"))
+    r = train(*base[:-1], "1.5", "--out", a, "--max-steps", "1")
+    assert r.returncode != 0 and "between 0 and 1" in r.stderr
+
+
 def test_wsd_branches_a_resumed_run_into_a_linear_cool_down(photos, tmp_path):
     """A run's resume state copied to a new folder and resumed with --schedule wsd holds --lr, then falls
     linearly over --cooldown steps to --min-lr-ratio × --lr at --max-steps; wsd without its steps is refused."""
