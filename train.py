@@ -114,6 +114,9 @@ def parse_args(argv=None):
                    help="mixed precision of the analysis transform (the synthesis, the entropy model and the weights stay "
                         "fp32): bf16 on a CPU with AVX-512 BF16 or AMX, or on CUDA; fp16 on CUDA only")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--notes", default="",
+                   help="words on where this run comes from (e.g. whose resume state a branch continues), stored in "
+                        "every checkpoint it writes")
     return p.parse_args(argv)
 
 
@@ -308,7 +311,7 @@ def self_description(model, state, args):
     """What a checkpoint of this run records about itself: recipe, history of every stage, total steps."""
     recipe = {k: v for k, v in vars(args).items() if k not in ("resume",)}
     history = state["earlier_stages"] + [this_stage(model, state, args, recipe)]
-    return {"recipe": recipe, "history": history,
+    return {"recipe": recipe, "history": history, **({"notes": args.notes} if args.notes else {}),
             "total_steps": sum(h["steps"] for h in history if isinstance(h.get("steps"), int))}
 
 

@@ -148,8 +148,9 @@ def test_wsd_branches_a_resumed_run_into_a_linear_cool_down(photos, tmp_path):
     b.mkdir()
     shutil.copy(a / "rd_resume.pt", b / "rd_resume.pt")
     r = train(*base, "--out", str(b), "--resume", "--schedule", "wsd", "--lr", "1e-3", "--max-steps", "7",
-              "--cooldown", "4", "--min-lr-ratio", "0.2")
+              "--cooldown", "4", "--min-lr-ratio", "0.2", "--notes", "cool-down branch of run a at step 2")
     assert r.returncode == 0, r.stderr
+    assert torch.load(b / "rd.pt", weights_only=True)["notes"] == "cool-down branch of run a at step 2"
     rows = [line.split(",") for line in (b / "rd_log.csv").read_text().splitlines()[1:]]
     assert [int(row[0]) for row in rows] == [3, 4, 5, 6, 7]
     assert [float(row[3]) for row in rows] == pytest.approx([1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
