@@ -143,6 +143,23 @@ def test_plot_training_chains_phases(tmp_path):
     assert r.returncode == 0 and (tmp_path / "t.png").stat().st_size > 1000
 
 
+def test_plot_trials_reads_a_runs_weight_average_beside_its_weights(tmp_path):
+    """A losses.txt line of a run trained with --ema gives a point of the weights and one of their average; plot_training
+    still reads the weights' own validation from it."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import plot_trials
+    import plot_training
+
+    lines = ["r epoch 1 step 10 train_loss 2 val_loss 1.5 val_psnr 30.5 val_bpp 0.9 minutes 1.0 cpu_minutes 2.0\n",
+             "r epoch 2 step 20 train_loss 2 val_loss 1.4 val_psnr 30.6 val_bpp 0.8 minutes 2.0 cpu_minutes 4.0 "
+             "ema_val_loss 1.3 ema_val_psnr 31.0 ema_val_bpp 0.7\n"]
+    (tmp_path / "losses.txt").write_text("".join(lines))
+    assert plot_trials.read_run(str(tmp_path / "losses.txt")) == ([(2.0, 1.5), (4.0, 1.4)], [(4.0, 1.3)])
+    assert plot_training.read_validation(str(tmp_path / "losses.txt"), "r") == [(10, 30.5, 0.9), (20, 30.6, 0.8)]
+    r = run("tools/plot_trials.py", f"{tmp_path / 'losses.txt'}:r", "--out", str(tmp_path / "t.png"))
+    assert r.returncode == 0 and "r, weight average: 4 min 1.30000" in r.stdout, r.stderr
+
+
 def test_gpu_check_runs_on_any_device(hyper_ckpt, tmp_path):
     """gpu_check.py compares the CPU with --device (here the CPU itself: everything must match) and
     says clearly when the device does not exist."""

@@ -41,7 +41,7 @@ def read_validation(path, name):
     points = []
     with open(path) as f:
         for line in f:
-            m = re.match(rf"{re.escape(name)} epoch \d+ step (\d+) .*val_psnr ([\d.]+)(?: val_bpp ([\d.]+))?", line)
+            m = re.match(rf"{re.escape(name)} epoch \d+ step (\d+) .*? val_psnr ([\d.]+)(?: val_bpp ([\d.]+))?", line)
             if m:
                 points.append((int(m[1]), float(m[2]), float(m[3]) if m[3] else None))
     return points

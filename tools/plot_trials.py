@@ -5,7 +5,8 @@
 
 Each run is a train.py losses.txt (one validation line per epoch), optionally :LABEL. The x-axis is the run's
 logged CPU-minutes (process CPU time, all threads), or, with --step-seconds LABEL=S, steps × S CPU-seconds
-(e.g. measured with tools/step_cost.py). --start draws the shared starting point at 0 minutes.
+(e.g. measured with tools/step_cost.py). --start draws the shared starting point at 0 minutes. A run trained with
+--ema gets a dashed second line: the validation of its weight average (ema_val_loss).
 """
 import argparse
 import os
@@ -18,6 +19,7 @@ sys.path.insert(0, ROOT)
 from runtime import HelpFormatter  # noqa: E402
 
 LINE = re.compile(r"\S+ epoch \d+ step (\d+) .*?val_loss ([\d.]+)(?:.*?cpu_minutes ([\d.]+))?")
+AVERAGE = re.compile(r" ema_val_loss ([\d.]+)")
 
 
 def parse_args(argv=None):
@@ -33,8 +35,9 @@ def parse_args(argv=None):
 
 
 def read_run(path, seconds=None):
-    """[(CPU-minutes, validation loss)] of a losses.txt, from its cpu_minutes or from steps × seconds."""
-    points = []
+    """[(CPU-minutes, validation loss)] of a losses.txt, from its cpu_minutes or from steps × seconds, and the same
+    of its weight average (--ema) where the line has one."""
+    points, averaged = [], []
     with open(path) as f:
         for line in f:
             m = LINE.match(line)
@@ -43,7 +46,10 @@ def read_run(path, seconds=None):
             if seconds is None and m[3] is None:
                 sys.exit(f"error: {path} has no cpu_minutes: give --step-seconds for it")
             points.append((int(m[1]) * seconds / 60 if seconds is not None else float(m[3]), float(m[2])))
-    return points
+            average = AVERAGE.search(line)
+            if average:
+                averaged.append((points[-1][0], float(average[1])))
+    return points, averaged
 
 
 def main(argv=None):
@@ -59,11 +65,14 @@ def main(argv=None):
     for spec in args.runs:
         path, _, label = spec.partition(":")
         label = label or os.path.basename(os.path.dirname(os.path.abspath(path)))
-        points = read_run(path, float(seconds[label]) if label in seconds else None)
+        points, averaged = read_run(path, float(seconds[label]) if label in seconds else None)
         if args.start is not None:
             points = [(0.0, args.start)] + points
         print(label + ": " + ", ".join(f"{t:.0f} min {v:.5f}" for t, v in points))
-        ax.plot(*zip(*points), "o-", ms=3, label=label)
+        line, = ax.plot(*zip(*points), "o-", ms=3, label=label)
+        if averaged:
+            print(label + ", weight average: " + ", ".join(f"{t:.0f} min {v:.5f}" for t, v in averaged))
+            ax.plot(*zip(*averaged), "--", color=line.get_color(), label=f"{label}, weight average (--ema)")
     if args.start is not None:
         ax.axhline(args.start, color="grey", ls=":", lw=1, label="start")
     ax.set_xlabel(f"CPU-minutes ({args.machine})")
