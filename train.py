@@ -10,12 +10,12 @@ import math
 import os
 import sys
 import time
+from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -328,10 +328,25 @@ def save_all(run, state, args):
     average = {}
     if run.ema is not None:
         save_shippable(os.path.join(args.out, f"{args.name}_ema.pt"), run.ema.module, state, args)
-        average = {"ema": {"n": int(run.ema.n_averaged), "decay": args.ema,
+        average = {"ema": {"n": run.ema.n, "decay": args.ema,
                            "params": {k: v.detach().cpu() for k, v in run.ema.module.named_parameters()}}}
     save_checkpoint(os.path.join(args.out, f"{args.name}_resume.pt"), run.model, optimizer=run.opt.state_dict(),
                     torch_rng=torch.get_rng_state(), **self_description(run.model, state, args), **state, **average)
+
+
+class WeightAverage:
+    """Exponential moving average of a model's parameters, kept in a copy of the model. Parameters only: the copy's
+    entropy tables are rebuilt from its own weights when it is validated or saved (their sizes change as they are)."""
+
+    def __init__(self, model, decay):
+        self.module, self.decay, self.n = deepcopy(model), decay, 0
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        """Move the average towards the model's current weights (the first call copies them)."""
+        for mine, theirs in zip(self.module.parameters(), model.parameters()):
+            mine.lerp_(theirs, 1.0 if self.n == 0 else 1 - self.decay)
+        self.n += 1
 
 
 def make_ema(model, args):
@@ -341,14 +356,14 @@ def make_ema(model, args):
         return None
     if not 0 < args.ema < 1:
         sys.exit(f"error: --ema {args.ema:g}: the decay is a share of the average kept each step, between 0 and 1")
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=False)
+    ema = WeightAverage(model, args.ema)
     path = os.path.join(args.out, f"{args.name}_resume.pt")
     saved = load_checkpoint(path)[1].get("ema") if args.resume and os.path.exists(path) else None
     if saved:
         with torch.no_grad():
             for k, p in ema.module.named_parameters():
                 p.copy_(saved["params"][k])
-        ema.n_averaged.fill_(saved["n"])
+        ema.n = saved["n"]
         print(f"weight average (--ema) continued over {saved['n']} steps (decay {saved['decay']:g})")
     return ema
 
@@ -436,7 +451,7 @@ class Run:
     log_path: str
     layout: torch.memory_format  # of the model and every batch, chosen once by training_layout
     forward_kwargs: dict  # extra arguments of every training pass (the seed's --seed-noise)
-    ema: object = None  # AveragedModel of `model` (--ema), rank 0 only
+    ema: object = None  # WeightAverage of `model` (--ema), rank 0 only
 
 
 def setup(args):

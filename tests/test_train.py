@@ -139,6 +139,24 @@ def test_weight_average_resumes_exactly_and_is_validated_and_shipped(photos, tmp
     assert r.returncode != 0 and "between 0 and 1" in r.stderr
 
 
+def test_weight_average_is_exponential_and_ignores_the_tables():
+    """WeightAverage: the first update copies the weights, each next one keeps `decay` of the average; entropy tables
+    that change size between updates (validation rebuilds them) are not its business."""
+    sys.path.insert(0, ROOT)
+    from train import WeightAverage
+
+    model = build_model(HyperConfig(N=8, M=8, H=4))
+    average = WeightAverage(model, 0.75)
+    w = model.g_s[0].weight
+    before = w.detach().clone()
+    average.update_parameters(model)
+    with torch.no_grad():
+        w.add_(1.0)
+    model.build_tables()  # the tables grow from empty
+    average.update_parameters(model)
+    assert average.n == 2 and torch.allclose(average.module.g_s[0].weight, before + 0.25)
+
+
 def test_wsd_branches_a_resumed_run_into_a_linear_cool_down(photos, tmp_path):
     """A run's resume state copied to a new folder and resumed with --schedule wsd holds --lr, then falls
     linearly over --cooldown steps to --min-lr-ratio × --lr at --max-steps; wsd without its steps is refused."""
