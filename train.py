@@ -114,7 +114,7 @@ def parse_args(argv=None):
                    help="mixed precision of the analysis transform (the synthesis, the entropy model and the weights stay "
                         "fp32): bf16 on a CPU with AVX-512 BF16 or AMX, or on CUDA; fp16 on CUDA only")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--notes", default="",
+    p.add_argument("--notes", default=None,
                    help="words on where this run comes from (e.g. whose resume state a branch continues), stored in "
                         "every checkpoint it writes")
     return p.parse_args(argv)
