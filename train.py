@@ -354,8 +354,6 @@ def make_ema(model, args):
     from the resume state when it holds one, else started at the current weights."""
     if not args.ema:
         return None
-    if not 0 < args.ema < 1:
-        sys.exit(f"error: --ema {args.ema:g}: the decay is a share of the average kept each step, between 0 and 1")
     ema = WeightAverage(model, args.ema)
     path = os.path.join(args.out, f"{args.name}_resume.pt")
     saved = load_checkpoint(path)[1].get("ema") if args.resume and os.path.exists(path) else None
@@ -463,6 +461,8 @@ def setup(args):
         sys.exit("error: --schedule wsd needs --max-steps and a --cooldown of 1 … --max-steps steps")
     if args.cooldown and args.schedule != "wsd":
         sys.exit("error: --cooldown applies to --schedule wsd only (the cosine schedule decays over the whole run)")
+    if args.ema and not 0 < args.ema < 1:
+        sys.exit(f"error: --ema {args.ema:g}: the decay is a share of the average kept each step, between 0 and 1")
     if args.seed_noise and args.arch not in SEED_ARCHS:
         sys.exit("error: --seed-noise applies to the seed models (resnet18/34/50/101) only")
     args.lr = args.lr or (1e-4 if args.arch in SEED_ARCHS else 1e-3)

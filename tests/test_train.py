@@ -369,7 +369,7 @@ def test_gpu_bundle_bursts_and_continues(photos, tmp_path):
     start, bundle = tmp_path / "start", tmp_path / "bundle"
     tiny = ["--arch", "ctx", "--rd-channels", "8,16,4", "--crop", "32", "--batch-size", "2", "--threads", "1"]
     assert train(*tiny, "--train-dir", photos, "--out", str(start), "--max-steps", "1").returncode == 0
-    flags = " ".join(tiny + ["--device", "cpu", "--val-dir", "none", "--workers", "0", "--max-steps", "2"])
+    flags = " ".join(tiny + ["--device", "cpu", "--val-dir", "none", "--workers", "0", "--max-steps", "2", "--ema", "0.9"])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_bundle.py"), "--init", str(start / "ctx.pt"),
                         "--train-dir", photos, "--out", str(bundle), "--max-mb", "2", "--part-mb", "0.05",
                         "--flags", flags], capture_output=True, text=True, timeout=120)
@@ -382,10 +382,11 @@ def test_gpu_bundle_bursts_and_continues(photos, tmp_path):
     parts = sorted(f for f in os.listdir(tmp_path / "o1") if f.startswith("burst_resume.pt.part"))
     assert len(parts) > 1 and all(os.path.getsize(tmp_path / "o1" / f) <= 0.05 * 2**20 for f in parts)
     assert load_checkpoint(joined(tmp_path / "o1", "burst.pt"))[1]["step"] == 2
+    assert load_checkpoint(joined(tmp_path / "o1", "burst_ema.pt"))[1]["step"] == 2
     for f in parts:
         (bundle / f).write_bytes((tmp_path / "o1" / f).read_bytes())
     r = burst(tmp_path / "o2", "--max-steps", "3")
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    assert r.returncode == 0 and "resumed from" in r.stdout and "weight average (--ema) continued over 2 steps" in r.stdout, r.stderr
     assert load_checkpoint(joined(tmp_path / "o2", "burst.pt"))[1]["step"] == 3
 
 

@@ -7,7 +7,8 @@ training photos in one small folder, and the one command that trains from it.
 
 The folder holds code.tar.gz (the library and train.py), start.pt (the --init checkpoint), photos.npz (as
 many training photos as fit --max-mb, JPEG at their training size) and burst.sh. A burst leaves in OUT the
-run's checkpoint (burst.pt, shippable; burst_best.pt, the best by validation), its logs and its resume
+run's checkpoint (burst.pt, shippable; burst_best.pt, the best by validation; burst_ema.pt and
+burst_ema_best.pt, the same of the weights' moving average), its logs and its resume
 state (burst_resume.pt), each file larger than --part-mb in parts (NAME.partNN). Copy those parts into the
 bundle folder and the next burst continues the run exactly (`cat burst_resume.pt.part* > burst_resume.pt` joins them anywhere).
 """
@@ -31,7 +32,7 @@ from runtime import HelpFormatter  # noqa: E402
 # sets the learning-rate schedule over every burst of the campaign; --session-minutes stops each one.
 BURST_FLAGS = ("--arch resctx --device cuda --amp bf16 --layout channels_last --batch-size 32 --crop 256 --lr 5e-5 "
                "--entropy-lr-scale 1 --warmup 100 --min-lr-ratio 0.1 --max-minutes 600 --session-minutes 9 "
-               "--val-dir none --workers 6 --ckpt-minutes 3 --log-every 50")
+               "--val-dir none --workers 6 --ckpt-minutes 3 --log-every 50 --ema 0.999")
 
 BURST_SH = """#!/bin/sh
 # A training burst from this folder alone (tools/gpu_bundle.py wrote it): sh burst.sh OUT [train.py flags ...]
@@ -46,7 +47,7 @@ elif [ -f "$here/burst_resume.pt.part00" ]; then cat "$here"/burst_resume.pt.par
 cd "$work"
 python train.py {flags} --init "$here/start.pt" --train-dir "$here/photos.npz" --out "$work/run" --name burst \\
     --resume "$@"
-for f in burst.pt burst_best.pt burst_resume.pt burst_log.csv losses.txt; do
+for f in burst.pt burst_best.pt burst_ema.pt burst_ema_best.pt burst_resume.pt burst_log.csv losses.txt; do
     [ -f "run/$f" ] || continue
     if [ "$(wc -c < "run/$f")" -gt {part_bytes} ]; then split -b {part_bytes} -d "run/$f" "$out/$f.part"
     else cp "run/$f" "$out/"; fi
