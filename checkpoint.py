@@ -15,7 +15,7 @@ from model import build_model
 
 # The shipped checkpoints, found from the repository wherever a command is started.
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "resctx3.pt")
+DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "resctx4.pt")
 
 
 def model_id(state_dict):

@@ -25,7 +25,7 @@ wait_passively()  # before torch loads OpenMP
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # shipped weights and sample images are found from here
 WEIGHTS_DIR = os.path.join(ROOT, "weights")
-DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "resctx3.pt")
+DEFAULT_WEIGHTS = os.path.join(WEIGHTS_DIR, "resctx4.pt")
 DEFAULT_EFFORT = 1  # effort.DEFAULT (not imported here: it would import torch before --help answers)
 
 

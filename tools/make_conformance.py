@@ -50,8 +50,8 @@ LEGACY = [("seed_resnet101.pt", "rgb_64x48", None, "constriction"),
 FILES = ([(*f, 4) for f in LEGACY] + [("rd.pt", "odd_37x53", 3, "constriction", 3), ("hyper.pt", "rgb_64x48", 5, "constriction", 3)]
          + [(*f, codec.VERSION) for f in LEGACY]
          + [(w, "wide_1100x32", 4, "constriction", codec.VERSION) for w in ("rd.pt", "hyper.pt", "ctx.pt")]
-         # the models shipped after format 5 (resctx.pt; resctx2.pt and resctx3.pt, fp16 weights): files in the current version only
-         + [(weights, source, quality, coder, codec.VERSION) for weights in ("resctx.pt", "resctx2.pt", "resctx3.pt") for source, quality, coder in
+         # the models shipped after format 5 (resctx.pt; resctx2.pt, resctx3.pt and resctx4.pt, fp16 weights): files in the current version only
+         + [(weights, source, quality, coder, codec.VERSION) for weights in ("resctx.pt", "resctx2.pt", "resctx3.pt", "resctx4.pt") for source, quality, coder in
             [("rgb_64x48", 1, "constriction"), ("odd_37x53", 3.37, "arithmetic-compressor"), ("gray_40x40", 8, "constriction"),
              ("rgba_48x32", 6, "constriction"), ("rgb_256x192", 5.5, "constriction"), ("wide_1100x32", 4, "constriction")]])
 
