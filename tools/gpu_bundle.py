@@ -1,7 +1,7 @@
 """Pack a training burst for a CUDA machine that has nothing of ours: the code, the start checkpoint and the
 training photos in one small folder, and the one command that trains from it.
 
-  python tools/gpu_bundle.py --init weights/resctx4.pt --train-dir data/train --out gpu_bundle
+  python tools/gpu_bundle.py --train-dir data/train --out gpu_bundle   # starts from the default weights (--init)
   sh gpu_bundle/burst.sh OUT                     # there: 9 minutes of training, results in OUT
   sh gpu_bundle/burst.sh OUT --session-minutes 4 --batch-size 16      # any train.py flag overrides the bundle's
 
@@ -24,6 +24,7 @@ import tarfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from checkpoint import DEFAULT_WEIGHTS  # noqa: E402
 from dataset import pack_photos  # noqa: E402
 from imagefiles import list_images  # noqa: E402
 from runtime import HelpFormatter  # noqa: E402
@@ -59,7 +60,7 @@ ls -l "$out"
 def parse_args(argv=None):
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--init", default=os.path.join(ROOT, "weights", "resctx4.pt"), help="checkpoint the burst starts from")
+    p.add_argument("--init", default=DEFAULT_WEIGHTS, help="checkpoint the burst starts from")
     p.add_argument("--train-dir", default="data/train", help="folder of training photos (searched recursively)")
     p.add_argument("--out", default="gpu_bundle", help="folder to write (replaced if it exists)")
     p.add_argument("--max-mb", type=float, default=50,
